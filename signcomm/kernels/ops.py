@@ -1,0 +1,243 @@
+"""Public kernels: validate, then run the numba kernel (NumPy input) or the portable
+array version (CuPy input).  No MPI, no torch here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from . import _cpu, reference
+from .bits import BITORDER, check_packed, clear_padding, packed_nbytes
+from .xp import array_module, is_cupy
+
+TIE_RULES = ("coin", "zero")
+VARIANTS = ("v1", "v2")
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf where a sign is to be taken."""
+
+
+def _check_float_vector(x, name):
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be a flat (1-D) array, got shape {tuple(x.shape)}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+
+
+def _check_gathered(gathered, d):
+    if gathered.ndim != 2:
+        raise ValueError(f"gathered must be 2-D (n ranks, bytes), got shape {gathered.shape}")
+    if gathered.shape[0] < 1:
+        raise ValueError("gathered must hold at least one rank's vector (n >= 1)")
+    check_packed(gathered, d, "gathered")
+
+
+def _raise_nonfinite(nbad, name):
+    if nbad:
+        raise NonFiniteError(
+            f"{name} has {nbad} NaN/Inf value(s); pass check_finite=False to pack them "
+            "anyway (NaN packs as -1)")
+
+
+def pack_signs(x, *, zero_key: Optional[int] = None, offset: int = 0,
+               check_finite: bool = True):
+    """sign(x) packed one bit per coordinate (bits.py's convention).
+
+    An exact 0 has no sign: with ``zero_key`` (a ``rng.key64``) it becomes a fair coin,
+    drawn at position ``offset + i``, which keeps the update unbiased; without one it
+    packs as -1.  NaN/Inf raise ``NonFiniteError`` unless ``check_finite=False`` (the
+    check is fused into the packing pass)."""
+    _check_float_vector(x, "x")
+    if is_cupy(x):
+        packed, nbad = reference.sign_pack(x, zero_key, offset)
+    else:
+        packed = np.empty(packed_nbytes(x.shape[0]), np.uint8)
+        nbad = _cpu.sign_pack(np.ascontiguousarray(x), packed, np.uint64(zero_key or 0),
+                              zero_key is not None, offset)
+    if check_finite:
+        _raise_nonfinite(nbad, "x")
+    return packed
+
+
+def _segments(d, r, seg_sizes, xp):
+    r = np.atleast_1d(np.asarray(r, dtype=np.float64)) if not is_cupy(r) else r.astype(xp.float64)
+    if seg_sizes is None:
+        if r.shape[0] != 1:
+            raise ValueError(f"{r.shape[0]} values of R given without seg_sizes")
+        seg_sizes = np.array([d], dtype=np.int64)
+    seg_sizes = np.asarray(seg_sizes if not is_cupy(seg_sizes) else seg_sizes.get(),
+                           dtype=np.int64)
+    r_host = r if not is_cupy(r) else r.get()
+    if seg_sizes.ndim != 1 or r_host.shape != seg_sizes.shape:
+        raise ValueError(f"R has {r_host.shape[0]} values but there are {seg_sizes.shape[0]} segments")
+    if (seg_sizes < 0).any() or int(seg_sizes.sum()) != d:
+        raise ValueError(f"segment sizes must be >= 0 and sum to d={d}, got sum {int(seg_sizes.sum())}")
+    bad = ~(np.isfinite(r_host) & (r_host > 0))
+    if bad.any():
+        s = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"R must be positive and finite; segment {s} has R={r_host[s]!r}")
+    return r_host, seg_sizes
+
+
+def stochastic_sign_pack(v, r, key: int, *, seg_sizes=None, offset: int = 0,
+                         check_finite: bool = True):
+    """S_R(v) of Definition 1, eq. (8), packed: coordinate i is +1 with probability
+    (R + v_i) / (2R), so E[S_R(v)] = v / R.  ``r`` is one R, or one per segment of the
+    flat buffer with ``seg_sizes`` giving the segment lengths (summing to len(v)).
+    Randomness: ``key`` (a ``rng.key64``, normally the rank's own stream) at position
+    ``offset + i``.  |v_i| > R is clamped to probability 0 or 1.
+
+    Returns ``(packed, clamped)``; ``clamped`` counts coordinates with |v_i| > R.
+    """
+    _check_float_vector(v, "v")
+    xp = array_module(v)
+    d = v.shape[0]
+    r_host, seg_sizes = _segments(d, r, seg_sizes, xp)
+    if is_cupy(v):
+        packed, nbad, clamped = reference.stochastic_sign_pack(v, seg_sizes, r_host, key, offset)
+    else:
+        packed = np.empty(packed_nbytes(d), np.uint8)
+        nonempty = seg_sizes > 0
+        seg_ends = np.cumsum(seg_sizes)[nonempty]
+        seg_ends = np.append(seg_ends, np.iinfo(np.int64).max)  # sentinel
+        rr = np.append(r_host[nonempty], 1.0)
+        nbad, clamped = _cpu.stochastic_sign_pack(
+            np.ascontiguousarray(v), seg_ends, 0.5 / rr, rr, packed, np.uint64(key), offset)
+    if check_finite:
+        _raise_nonfinite(nbad, "v")
+    return packed, int(clamped)
+
+
+@dataclass
+class Vote:
+    """A packed vote result.  ``bits``: 1 = +1, 0 = -1.  ``nonzero``: None, or packed
+    bits that are 0 where the result is 0 (a tie under the tie rule "zero")."""
+
+    bits: object
+    nonzero: object = None
+
+    def values(self, d: int, dtype=np.float32):
+        """+1/-1 (and 0 for ties under "zero") as a float array of length d."""
+        xp = array_module(self.bits)
+        check_packed(self.bits, d, "bits")
+        o = xp.unpackbits(self.bits[: packed_nbytes(d)], bitorder=BITORDER)[:d].astype(dtype) * 2 - 1
+        if self.nonzero is not None:
+            o *= xp.unpackbits(self.nonzero[: packed_nbytes(d)], bitorder=BITORDER)[:d].astype(dtype)
+        return o
+
+
+def _check_rule(variant, tie, key):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if tie not in TIE_RULES:
+        raise ValueError(f"tie must be one of {TIE_RULES}, got {tie!r}")
+    if (variant == "v2" or tie == "coin") and key is None:
+        raise ValueError(f"variant={variant!r} with tie={tie!r} draws shared random bits: pass key")
+
+
+def _mode(variant, tie):
+    return 2 if variant == "v2" else (0 if tie == "coin" else 1)
+
+
+def majority_vote(gathered, d: int, *, variant: str = "v1", tie: str = "coin",
+                  key: Optional[int] = None, offset: int = 0) -> Vote:
+    """The vote over n gathered packed vectors (rows of ``gathered``, shape (n, bytes)).
+
+    With c the number of +1 bits at a coordinate, a = (2c - n) / n:
+    - v1 (eq. 10): o = sign(a); a tie (2c = n, even n) is a fair coin of ``key`` under
+      ``tie="coin"`` (the default: one bit, and unbiased, E[o] = 0 = sign(0)), or
+      o = 0 under ``tie="zero"`` (``Vote.nonzero`` marks it).
+    - v2 (eq. 11): o = S_1(a), +1 with probability c / n, drawn from ``key``.
+    ``key`` must be the same on every rank (the shared stream) so every rank gets the
+    same o; positions are ``offset + i``.  CPU: bit-sliced popcount (numba).
+    """
+    _check_gathered(gathered, d)
+    _check_rule(variant, tie, key)
+    n = gathered.shape[0]
+    nbytes = packed_nbytes(d)
+    g = gathered[:, :nbytes]
+    if is_cupy(g) or variant == "v2":
+        return vote_from_counts(vote_counts(g, d), n, variant=variant, tie=tie, key=key,
+                                offset=offset)
+    out = np.empty(nbytes, np.uint8)
+    nonzero = np.empty(nbytes if tie == "zero" else 0, np.uint8)
+    _cpu.majority_vote(np.ascontiguousarray(g), out, nonzero, tie == "coin",
+                       np.uint64(key or 0), offset)
+    clear_padding(out, d)
+    if tie == "zero":
+        return Vote(out, clear_padding(nonzero, d) if n % 2 == 0 else None)
+    return Vote(out)
+
+
+def vote_counts(gathered, d: int):
+    """Per-coordinate number of ranks with bit +1 (int64 for CuPy, the smallest unsigned
+    type that holds n for NumPy)."""
+    _check_gathered(gathered, d)
+    if is_cupy(gathered):
+        return reference.counts(gathered, d)
+    n = gathered.shape[0]
+    out = np.empty(d, np.uint8 if n < 256 else (np.uint16 if n < 65536 else np.uint32))
+    _cpu.counts(np.ascontiguousarray(gathered[:, : packed_nbytes(d)]), out)
+    return out
+
+
+def vote_from_counts(counts, n: int, *, variant: str = "v1", tie: str = "coin",
+                     key: Optional[int] = None, offset: int = 0) -> Vote:
+    """The vote of ``majority_vote`` from per-coordinate counts c (0 <= c <= n)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    _check_rule(variant, tie, key)
+    if counts.ndim != 1:
+        raise ValueError(f"counts must be 1-D, got shape {counts.shape}")
+    mode = _mode(variant, tie)
+    if is_cupy(counts):
+        bits, nonzero = reference.decide_from_counts(counts, n, mode, key, offset)
+    else:
+        d = counts.shape[0]
+        bits = np.empty(packed_nbytes(d), np.uint8)
+        nonzero = np.empty(packed_nbytes(d) if mode == 1 else 0, np.uint8)
+        _cpu.decide_from_counts(np.ascontiguousarray(counts), n, mode, np.uint64(key or 0),
+                                offset, bits, nonzero)
+        nonzero = nonzero if mode == 1 else None
+    if nonzero is not None and n % 2:
+        nonzero = None  # odd n never ties
+    return Vote(bits, nonzero)
+
+
+def count_field_bits(n: int) -> int:
+    """ceil(log2(n + 1)): bits of a field that holds a count from 0 to n."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return int(n).bit_length()
+
+
+def count_field_words(d: int, bits_per_field: int) -> int:
+    """int64 words that hold d fields (63 // bits_per_field fields per word)."""
+    return -(-int(d) // (63 // bits_per_field))
+
+
+def pack_count_fields(packed, d: int, bits_per_field: int):
+    """One bit per coordinate -> int64 words of ``bits_per_field``-bit fields (see
+    ``_cpu.pack_count_fields``); summing such words over ranks gives exact counts."""
+    check_packed(packed, d)
+    if not 1 <= bits_per_field <= 63:
+        raise ValueError(f"bits_per_field must be in [1, 63], got {bits_per_field}")
+    if is_cupy(packed):
+        return reference.pack_count_fields(packed, d, bits_per_field)
+    out = np.empty(count_field_words(d, bits_per_field), np.int64)
+    _cpu.pack_count_fields(packed, d, bits_per_field, out)
+    return out
+
+
+def unpack_count_fields(words, d: int, bits_per_field: int):
+    """Summed int64 field words -> per-coordinate counts (int64)."""
+    if words.ndim != 1 or words.shape[0] < count_field_words(d, bits_per_field):
+        raise ValueError(f"words must be 1-D with at least {count_field_words(d, bits_per_field)} "
+                         f"entries for d={d}, got shape {words.shape}")
+    if is_cupy(words):
+        return reference.unpack_count_fields(words, d, bits_per_field)
+    out = np.empty(d, np.int64)
+    _cpu.unpack_count_fields(np.ascontiguousarray(words), d, bits_per_field, out)
+    return out
