@@ -1,0 +1,18 @@
+import importlib.util
+
+import pytest
+
+from harness import launch  # noqa: F401  (re-exported for tests)
+
+
+def have_horovod() -> bool:
+    return importlib.util.find_spec("horovod") is not None
+
+
+requires_horovod = pytest.mark.skipif(not have_horovod(), reason="Horovod not installed (make setup builds it)")
+
+
+@pytest.fixture
+def mpi_job():
+    """The harness's launch(): run a worker on n ranks, get per-rank results."""
+    return launch
