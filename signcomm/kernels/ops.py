@@ -200,7 +200,7 @@ def vote_from_counts(counts, n: int, *, variant: str = "v1", tie: str = "coin",
         nonzero = np.empty(packed_nbytes(d) if mode == 1 else 0, np.uint8)
         _cpu.decide_from_counts(np.ascontiguousarray(counts), n, mode, np.uint64(key or 0),
                                 offset, bits, nonzero)
-        nonzero = nonzero if mode == 1 else None
+        nonzero = clear_padding(nonzero, d) if mode == 1 else None
     if nonzero is not None and n % 2:
         nonzero = None  # odd n never ties
     return Vote(bits, nonzero)

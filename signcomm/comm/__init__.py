@@ -1,0 +1,49 @@
+"""Transports: the collectives the vote needs, over mpi4py or Horovod, with a byte ledger."""
+from __future__ import annotations
+
+from .base import (RankMismatchError, RemoteRankError, Transport, TransportError)
+from .ledger import Ledger, Record, StepSummary, ring_allreduce_bytes
+
+
+def horovod_initialized() -> bool:
+    """True when horovod.torch is importable *and* hvd.init() has been called; never
+    imports Horovod unless it is already imported."""
+    import sys
+    hvd = sys.modules.get("horovod.torch")
+    if hvd is None:
+        return False
+    try:
+        return bool(hvd.is_initialized())
+    except Exception:
+        return False
+
+
+def get_transport(spec=None, **kwargs) -> Transport:
+    """A transport from ``"mpi"``, ``"horovod"``, an existing ``Transport`` (returned
+    as is) or ``None`` (Horovod when it is initialised in this process, else MPI)."""
+    if isinstance(spec, Transport):
+        return spec
+    if spec is None:
+        spec = "horovod" if horovod_initialized() else "mpi"
+    if spec == "mpi":
+        from .mpi import MPITransport
+        return MPITransport(**kwargs)
+    if spec == "horovod":
+        from .horovod import HorovodTransport
+        return HorovodTransport(**kwargs)
+    raise ValueError(f"transport must be 'mpi', 'horovod', a Transport or None, got {spec!r}")
+
+
+def MPITransport(*args, **kwargs):  # noqa: N802  (a lazy class alias)
+    from .mpi import MPITransport as cls
+    return cls(*args, **kwargs)
+
+
+def HorovodTransport(*args, **kwargs):  # noqa: N802
+    from .horovod import HorovodTransport as cls
+    return cls(*args, **kwargs)
+
+
+__all__ = ["Transport", "TransportError", "RankMismatchError", "RemoteRankError", "Ledger",
+           "Record", "StepSummary", "ring_allreduce_bytes", "get_transport",
+           "horovod_initialized", "MPITransport", "HorovodTransport"]
