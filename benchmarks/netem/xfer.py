@@ -1,0 +1,36 @@
+"""Rank side of the link proof: rank 0 sends N bytes to rank 1, REPS times.
+
+    python -m mpi4py xfer.py NBYTES REPS OUT_JSON
+
+Rank 1 times each transfer from a shared barrier to the end of its receive and writes
+{"nbytes", "seconds": [...], "processor": ...} to OUT_JSON.  Any other rank only joins the
+barriers.  The payload is random so no layer can compress it away.
+"""
+import json
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+comm = MPI.COMM_WORLD
+rank = comm.Get_rank()
+nbytes, reps, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+buf = np.random.default_rng(rank).integers(0, 256, nbytes, dtype=np.uint8)
+comm.Barrier()
+times = []
+for _ in range(max(1, min(reps, 100))):
+    comm.Barrier()
+    t0 = time.perf_counter()
+    if rank == 0:
+        comm.Send(buf, dest=1, tag=7)
+    elif rank == 1:
+        comm.Recv(buf, source=0, tag=7)
+        times.append(time.perf_counter() - t0)
+    comm.Barrier()
+if rank == 1:
+    with open(out + ".tmp", "w") as f:
+        json.dump({"nbytes": nbytes, "seconds": times, "processor": MPI.Get_processor_name(),
+                   "mpi": MPI.Get_library_version().splitlines()[0]}, f)
+    import os
+    os.replace(out + ".tmp", out)
