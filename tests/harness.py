@@ -94,6 +94,10 @@ def launch(script, n, *, launcher="mpirun", args=(), timeout=120, env=None,
         job_env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT), str(ROOT / "tests"), job_env.get("PYTHONPATH", "")])
         job_env["PYTHONUNBUFFERED"] = "1"
+        # n ranks share this machine's cores: one compute thread each unless told otherwise
+        threads = str(max(1, (os.cpu_count() or 1) // max(n, 1)))
+        for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):
+            job_env.setdefault(var, threads)
         job_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + job_env.get("PATH", "")
         if launcher == "mpirun":
             cmd = [_bin("mpirun"), "-np", str(n)]
