@@ -239,19 +239,30 @@ class SignVote:
                 what=f"the sign vote of step {step}")
         elif nonfinite:
             raise K.NonFiniteError(f"non-finite (NaN/Inf) input to the sign vote at step {step}")
+        return self.contribute(v, step, r=self.resolve_r(local), seg_sizes=seg, offset=offset)
+
+    def resolve_r(self, local_max):
+        """Per-segment R under this policy from this rank's per-segment max |v|
+        (``None`` for sign contributions).  "global" makes one MAX allreduce."""
         if self.R is None:
+            return None
+        if self.R == "global":
+            return shared_r(self.transport, local_max)
+        if self.R == "local":
+            return safe_r(local_max)
+        return np.full(np.asarray(local_max).shape[0], float(self.R))
+
+    def contribute(self, v, step, *, r=None, seg_sizes=None, offset=0):
+        """Pack this rank's bits without any check or communication: sign(v) when
+        ``r`` is None, else S_R(v) with per-segment ``r``."""
+        d = v.shape[0]
+        if r is None:
             packed = K.pack_signs(v, zero_key=self._rank_key(K.Purpose.ZERO_COIN, step),
                                   offset=offset, check_finite=False)
             self.last_clamped, self.last_r = 0, None
         else:
-            if self.R == "global":
-                r = shared_r(self.transport, local)
-            elif self.R == "local":
-                r = safe_r(local)
-            else:
-                r = np.full(seg.shape[0], float(self.R))
             packed, self.last_clamped = K.stochastic_sign_pack(
-                v, r, self._rank_key(K.Purpose.STOCHASTIC_SIGN, step), seg_sizes=seg,
+                v, r, self._rank_key(K.Purpose.STOCHASTIC_SIGN, step), seg_sizes=seg_sizes,
                 offset=offset, check_finite=False)
             self.last_r = r
         if self.invert:  # a Byzantine rank: sends the opposite of its signs

@@ -1,0 +1,229 @@
+"""MVSM and the majority-vote family as one ``torch.optim.Optimizer``.
+
+Per rank j and parameter (Algorithm 2):
+  momentum, eq. (9):   v_1 = g_1,  v_t = (1 - beta) v_{t-1} + beta g_t   (local, never sent)
+  contribution:        S_R(v_t) (eq. 8), or sign(v_t) for the sign methods, one bit each
+  vote:                o = sign(mean) (v1, eq. 10) or S_1(mean) (v2, eq. 11), same on all ranks
+  update:              x <- x - lr * o   (- lr * weight_decay * x, decoupled, if asked)
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from .. import kernels as K
+from ..comm import get_transport
+from ..comm.base import Transport
+from ..vote import R_POLICIES, SCHEDULES, SignVote
+from .buckets import DEFAULT_BUCKET_ELEMENTS, plan_buckets
+from .common import check_beta, check_lr
+from .lockstep import check_lockstep
+
+CONTRIBUTIONS = ("sr", "sign")
+MOMENTUM_INITS = ("first", "zero")
+
+
+class MVSM(torch.optim.Optimizer):
+    """Majority vote signSGD with momentum (the paper's Algorithm 2) and, through its
+    options, the whole majority-vote family (see ``signcomm.create_optimizer``).
+
+    Args (conventions):
+        lr: the sign step size eta: each coordinate moves by exactly ``lr`` (or 0 on a
+            tie under ``tie="zero"``).
+        beta: weight of the NEW gradient in the momentum, the paper's convention, in
+            (0, 1]; ``beta = 1`` means no momentum.  PyTorch-style momentum mu = 1 - beta.
+        variant: "v1" (o = sign of the mean, eq. 10) or "v2" (o = S_1 of the mean, eq. 11).
+        R: bound of S_R, per tensor: "global" (default: max over ranks of the tensor's
+            max |v|, one small MAX-allreduce per step for all tensors), "local" (this
+            rank's max, no traffic, biased on heterogeneous data) or a float (fixed;
+            coordinates beyond it are clamped, counted in ``stats["clamped"]``).
+        schedule: "allgather", "sharded" or "allreduce" (see ``signcomm.vote``).
+        transport: "mpi", "horovod", a ``Transport``, or None (Horovod when initialised,
+            else MPI).
+        weight_decay: decoupled, applied with the vote: x <- x - lr*wd*x - lr*o.
+        seed: key of every random stream (S_R noise per rank, shared tie coins and S_1).
+        tie: "coin" (default) or "zero" for a tied v1 vote under even n.
+        contribution: "sr" (S_R of the momentum, MVSM) or "sign" (sign of the momentum:
+            signSGD-MV / Signum-MV; an exact 0 becomes a fair coin of the rank's stream).
+        momentum_init: "first" (v_1 = g_1, eq. 9) or "zero" (v_0 = 0, so v_1 = beta g_1,
+            Bernstein's Signum and Sun et al.'s convention).
+        byzantine: this rank sends the opposite of its bits (a faulty worker).
+        bucket_elements: coordinates per fusion bucket (one vote per bucket).
+        lockstep_every: every k steps compare a checksum of the parameters across ranks
+            and raise ``LockstepError`` naming the step if they differ (0 = never).
+
+    After each ``step()``, ``self.stats`` holds this rank's figures for the step:
+    ``compress_s`` (momentum + R + packing), ``comm_s`` (time inside collectives),
+    ``vote_s`` (the vote kernels), ``update_s``, ``bytes_sent``, ``bytes_received`` and
+    ``clamped``.  ``self.transport.ledger`` has every call.
+    """
+
+    def __init__(self, params, lr, beta: float = 0.5, variant: str = "v1", R="global",
+                 schedule: str = "allgather", transport=None, weight_decay: float = 0.0,
+                 seed: int = 0, tie: str = "coin", *, contribution: str = "sr",
+                 momentum_init: str = "first", byzantine: bool = False,
+                 bucket_elements: int = DEFAULT_BUCKET_ELEMENTS, lockstep_every: int = 0):
+        check_lr(lr)
+        check_beta(beta)
+        if variant not in K.VARIANTS:
+            raise ValueError(f"variant must be one of {K.VARIANTS}, got {variant!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if contribution not in CONTRIBUTIONS:
+            raise ValueError(f"contribution must be one of {CONTRIBUTIONS}, got {contribution!r}")
+        if momentum_init not in MOMENTUM_INITS:
+            raise ValueError(f"momentum_init must be one of {MOMENTUM_INITS}, got {momentum_init!r}")
+        if not (R in R_POLICIES or (isinstance(R, (int, float)) and not isinstance(R, bool))):
+            raise ValueError(f"R must be 'global', 'local' or a positive float, got {R!r}")
+        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if not (isinstance(transport, (str, Transport)) or transport is None):
+            raise ValueError(f"transport must be 'mpi', 'horovod', a Transport or None, got {transport!r}")
+        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay))
+        self.transport = get_transport(transport)
+        self.variant, self.schedule_name, self.tie = variant, schedule, tie
+        self.contribution, self.momentum_init, self.seed = contribution, momentum_init, int(seed)
+        self.R = R
+        self.bucket_elements = int(bucket_elements)
+        self.lockstep_every = int(lockstep_every)
+        self.signvote = SignVote(self.transport, schedule=schedule, variant=variant, tie=tie,
+                                 seed=seed, R=R if contribution == "sr" else None,
+                                 invert=byzantine)
+        self._step = 0
+        self._layouts = {}
+        self.stats = {}
+
+    # -- helpers ----------------------------------------------------------------------
+    def _present(self):
+        """(group, param, name) of every parameter with a gradient, in a fixed order."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    name = names[i] if names else f"param_groups[{gi}]['params'][{i}] {tuple(p.shape)}"
+                    out.append((group, p, name))
+        return out
+
+    def _layout(self, present):
+        key = tuple(id(p) for _, p, _ in present)
+        if key not in self._layouts:
+            self._layouts = {key: plan_buckets([p for _, p, _ in present], self.bucket_elements)}
+        return self._layouts[key]
+
+    def _momentum(self, group, p):
+        """Update and return v for p (eq. 9); fp32 whatever p's dtype."""
+        g = p.grad.detach()
+        if g.is_sparse:
+            raise TypeError("sparse gradients are not supported")
+        beta = group["beta"]
+        state = self.state[p]
+        if beta == 1.0 and self.momentum_init == "first":
+            return g.float().reshape(-1)  # no momentum: v_t = g_t, nothing stored
+        v = state.get("momentum_buffer")
+        if v is None:
+            v = g.float().clone() if self.momentum_init == "first" else g.float() * beta
+            state["momentum_buffer"] = v
+        else:
+            v.mul_(1 - beta).add_(g.float(), alpha=beta)
+        return v.reshape(-1)
+
+    # -- the step ---------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t0 = time.perf_counter()
+        step = self._step
+        ledger = self.transport.ledger
+        ledger.begin_step(step)
+        present = self._present()
+        # One agreement for the whole step: same layout on every rank, no NaN anywhere.
+        grads = [p.grad for _, p, _ in present]
+        norms = torch._foreach_norm(grads, float("inf")) if grads else []
+        bad = [name for (_, _, name), nrm in zip(present, norms) if not torch.isfinite(nrm)]
+        error = (f"non-finite gradient (NaN/Inf) in {', '.join(bad[:5])}"
+                 f"{' and more' if len(bad) > 5 else ''} at step {step}; nothing was updated") if bad else None
+        self.transport.agree(
+            (step, tuple((p.numel(), str(p.dtype)) for _, p, _ in present), self.schedule_name,
+             self.variant, self.tie, self.contribution, str(self.R), self.seed),
+            error=error, what=f"optimizer step {step} (parameter layout and gradients)")
+        if not present:
+            self._step += 1
+            return loss
+        vs = [self._momentum(group, p) for group, p, _ in present]
+        r_all = None
+        if self.contribution == "sr":
+            local = torch.stack(torch._foreach_norm(vs, float("inf"))).double().numpy()
+            r_all = self.signvote.resolve_r(local)
+        buckets = self._layout(present)
+        compress_s = time.perf_counter() - t0
+        votes, vote_total, clamped, first = [], 0.0, 0, 0
+        for b in buckets:
+            k = len(b.params)
+            t1 = time.perf_counter()
+            flat = torch.cat(vs[first:first + k]).numpy() if k > 1 else vs[first].numpy()
+            r = None if r_all is None else r_all[first:first + k]
+            packed = self.signvote.contribute(flat, step, r=r, seg_sizes=b.sizes, offset=b.offset)
+            clamped += self.signvote.last_clamped
+            t2 = time.perf_counter()
+            votes.append(self.signvote.schedule.vote(packed, b.d, step, b.offset))
+            compress_s += t2 - t1
+            vote_total += time.perf_counter() - t2
+            first += k
+        t3 = time.perf_counter()
+        first = 0
+        for b, vote in zip(buckets, votes):
+            o = torch.from_numpy(vote.values(b.d, np.float32))
+            for p, seg in zip(b.params, torch.split(o, b.sizes.tolist())):
+                group = present[first][0]
+                first += 1
+                lr, wd = group["lr"], group["weight_decay"]
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(seg.view_as(p).to(p.dtype), alpha=-lr)
+        update_s = time.perf_counter() - t3
+        self._step += 1
+        if self.lockstep_every and self._step % self.lockstep_every == 0:
+            check_lockstep([p for _, p, _ in present], self.transport, step)
+        summary = ledger.summary(step)
+        comm_s = summary.seconds
+        self.stats = dict(step=step, compress_s=compress_s, comm_s=comm_s,
+                          vote_s=max(vote_total - comm_s, 0.0), update_s=update_s,
+                          bytes_sent=summary.bytes_sent, bytes_received=summary.bytes_received,
+                          clamped=clamped)
+        return loss
+
+    # -- checkpoints --------------------------------------------------------------------
+    def state_dict(self):
+        """Torch's state dict plus ``signcomm``: step counter (= the position of every
+        random stream, which are counter-based), seed, rank and number of ranks.
+        Momentum is this rank's own: save one file per rank."""
+        sd = super().state_dict()
+        sd["signcomm"] = dict(step=self._step, seed=self.seed, rank=self.transport.rank,
+                              size=self.transport.size, variant=self.variant)
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        meta = state_dict.pop("signcomm", None)
+        super().load_state_dict(state_dict)
+        for state in self.state.values():  # keep momentum in fp32 whatever was saved
+            if "momentum_buffer" in state:
+                state["momentum_buffer"] = state["momentum_buffer"].float()
+        if meta is not None:
+            self._step = int(meta["step"])
+            if int(meta["seed"]) != self.seed:
+                warnings.warn(f"checkpoint seed {meta['seed']} differs from this optimizer's "
+                              f"seed {self.seed}; keeping {self.seed}")
+            if int(meta["size"]) != self.transport.size:
+                warnings.warn(
+                    f"checkpoint was written by {meta['size']} ranks, resuming on "
+                    f"{self.transport.size}: momentum is per rank, so this rank continues "
+                    f"from the momentum in the file it loaded (rank {meta['rank']}'s); the run "
+                    "is a valid MVSM run but not bit-identical to one that never stopped")
