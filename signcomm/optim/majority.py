@@ -54,6 +54,8 @@ class MVSM(torch.optim.Optimizer):
         bucket_elements: coordinates per fusion bucket (one vote per bucket).
         lockstep_every: every k steps compare a checksum of the parameters across ranks
             and raise ``LockstepError`` naming the step if they differ (0 = never).
+        overlap: start each bucket's vote during backward, as soon as its gradients are
+            ready, on a worker thread (``signcomm.optim.overlap``); same results.
 
     After each ``step()``, ``self.stats`` holds this rank's figures for the step:
     ``compress_s`` (momentum + R + packing), ``comm_s`` (time inside collectives),
@@ -65,7 +67,8 @@ class MVSM(torch.optim.Optimizer):
                  schedule: str = "allgather", transport=None, weight_decay: float = 0.0,
                  seed: int = 0, tie: str = "coin", *, contribution: str = "sr",
                  momentum_init: str = "first", byzantine: bool = False,
-                 bucket_elements: int = DEFAULT_BUCKET_ELEMENTS, lockstep_every: int = 0):
+                 bucket_elements: int = DEFAULT_BUCKET_ELEMENTS, lockstep_every: int = 0,
+                 overlap: bool = False):
         check_lr(lr)
         check_beta(beta)
         if variant not in K.VARIANTS:
@@ -95,15 +98,20 @@ class MVSM(torch.optim.Optimizer):
         self._step = 0
         self._layouts = {}
         self.stats = {}
+        self._overlap = None
+        if overlap:
+            from .overlap import OverlapEngine
+            self._overlap = OverlapEngine(self)
 
     # -- helpers ----------------------------------------------------------------------
-    def _present(self):
-        """(group, param, name) of every parameter with a gradient, in a fixed order."""
+    def _present(self, require_grad=True):
+        """(group, param, name) of every parameter with a gradient (or, with
+        ``require_grad=False``, every parameter that requires one), in a fixed order."""
         out = []
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                if p.grad is not None:
+                if (p.grad is not None) if require_grad else p.requires_grad:
                     name = names[i] if names else f"param_groups[{gi}]['params'][{i}] {tuple(p.shape)}"
                     out.append((group, p, name))
         return out
@@ -114,22 +122,60 @@ class MVSM(torch.optim.Optimizer):
             self._layouts = {key: plan_buckets([p for _, p, _ in present], self.bucket_elements)}
         return self._layouts[key]
 
-    def _momentum(self, group, p):
-        """Update and return v for p (eq. 9); fp32 whatever p's dtype."""
+    def _momentum(self, group, p, inplace=True):
+        """Return v_t for p (eq. 9), fp32 whatever p's dtype.  ``inplace=False`` leaves
+        the state untouched (the caller commits it with ``_commit``)."""
         g = p.grad.detach()
         if g.is_sparse:
             raise TypeError("sparse gradients are not supported")
         beta = group["beta"]
-        state = self.state[p]
         if beta == 1.0 and self.momentum_init == "first":
             return g.float().reshape(-1)  # no momentum: v_t = g_t, nothing stored
-        v = state.get("momentum_buffer")
+        v = self.state[p].get("momentum_buffer")
         if v is None:
             v = g.float().clone() if self.momentum_init == "first" else g.float() * beta
-            state["momentum_buffer"] = v
-        else:
+        elif inplace:
             v.mul_(1 - beta).add_(g.float(), alpha=beta)
+        else:
+            v = torch.lerp(v, g.float(), beta)  # (1 - beta) v + beta g, a new tensor
+        if inplace:
+            self.state[p]["momentum_buffer"] = v
         return v.reshape(-1)
+
+    def _commit(self, group, p, v):
+        """Store v (from ``_momentum(inplace=False)``) as p's momentum."""
+        if not (group["beta"] == 1.0 and self.momentum_init == "first"):
+            self.state[p]["momentum_buffer"] = v.reshape(p.shape)
+
+    def _agree(self, step, present, what):
+        """One small allreduce: same layout and settings on every rank, finite grads."""
+        grads = [p.grad for _, p, _ in present]
+        norms = torch._foreach_norm(grads, float("inf")) if grads else []
+        bad = [name for (_, _, name), nrm in zip(present, norms) if not torch.isfinite(nrm)]
+        error = (f"non-finite gradient (NaN/Inf) in {', '.join(bad[:5])}"
+                 f"{' and more' if len(bad) > 5 else ''} at step {step}; nothing was updated") if bad else None
+        self.transport.agree(
+            (step, tuple((p.numel(), str(p.dtype)) for _, p, _ in present), self.schedule_name,
+             self.variant, self.tie, self.contribution, str(self.R), self.seed),
+            error=error, what=f"{what} of optimizer step {step} (parameter layout and gradients)")
+
+    def _vote_bucket(self, step, bucket, vs, r):
+        """Pack one bucket's contributions (S_R with per-tensor ``r``, or sign when
+        ``r`` is None) and vote; returns (Vote, clamped, compress_s, vote_s)."""
+        t1 = time.perf_counter()
+        flat = torch.cat(vs).numpy() if len(vs) > 1 else vs[0].numpy()
+        packed = self.signvote.contribute(flat, step, r=r, seg_sizes=bucket.sizes, offset=bucket.offset)
+        t2 = time.perf_counter()
+        vote = self.signvote.schedule.vote(packed, bucket.d, step, bucket.offset)
+        return vote, self.signvote.last_clamped, t2 - t1, time.perf_counter() - t2
+
+    def _resolve_r(self, vs):
+        """Per-tensor R of these momenta under the R policy (None for sign methods);
+        "global" costs one MAX-allreduce for all of them."""
+        if self.contribution != "sr":
+            return None
+        local = torch.stack(torch._foreach_norm(vs, float("inf"))).double().numpy()
+        return self.signvote.resolve_r(local)
 
     # -- the step ---------------------------------------------------------------------
     @torch.no_grad()
@@ -143,39 +189,28 @@ class MVSM(torch.optim.Optimizer):
         ledger = self.transport.ledger
         ledger.begin_step(step)
         present = self._present()
-        # One agreement for the whole step: same layout on every rank, no NaN anywhere.
-        grads = [p.grad for _, p, _ in present]
-        norms = torch._foreach_norm(grads, float("inf")) if grads else []
-        bad = [name for (_, _, name), nrm in zip(present, norms) if not torch.isfinite(nrm)]
-        error = (f"non-finite gradient (NaN/Inf) in {', '.join(bad[:5])}"
-                 f"{' and more' if len(bad) > 5 else ''} at step {step}; nothing was updated") if bad else None
-        self.transport.agree(
-            (step, tuple((p.numel(), str(p.dtype)) for _, p, _ in present), self.schedule_name,
-             self.variant, self.tie, self.contribution, str(self.R), self.seed),
-            error=error, what=f"optimizer step {step} (parameter layout and gradients)")
-        if not present:
-            self._step += 1
-            return loss
-        vs = [self._momentum(group, p) for group, p, _ in present]
-        r_all = None
-        if self.contribution == "sr":
-            local = torch.stack(torch._foreach_norm(vs, float("inf"))).double().numpy()
-            r_all = self.signvote.resolve_r(local)
-        buckets = self._layout(present)
-        compress_s = time.perf_counter() - t0
-        votes, vote_total, clamped, first = [], 0.0, 0, 0
-        for b in buckets:
-            k = len(b.params)
-            t1 = time.perf_counter()
-            flat = torch.cat(vs[first:first + k]).numpy() if k > 1 else vs[first].numpy()
-            r = None if r_all is None else r_all[first:first + k]
-            packed = self.signvote.contribute(flat, step, r=r, seg_sizes=b.sizes, offset=b.offset)
-            clamped += self.signvote.last_clamped
-            t2 = time.perf_counter()
-            votes.append(self.signvote.schedule.vote(packed, b.d, step, b.offset))
-            compress_s += t2 - t1
-            vote_total += time.perf_counter() - t2
-            first += k
+        overlapped = self._overlap is not None and self._overlap.matches(present)
+        if overlapped:  # buckets were voted during backward; finish the rest in order
+            votes, clamped, compress_s, vote_total = self._overlap.finish(step)
+            buckets = self._overlap.buckets
+        else:
+            if self._overlap is not None:
+                self._overlap.reset()
+            self._agree(step, present, "the vote")
+            if not present:
+                self._step += 1
+                return loss
+            vs = [self._momentum(group, p) for group, p, _ in present]
+            r_all = self._resolve_r(vs)
+            buckets = self._layout(present)
+            compress_s, vote_total, clamped, first, votes = time.perf_counter() - t0, 0.0, 0, 0, []
+            for b in buckets:
+                k = len(b.params)
+                r = None if r_all is None else r_all[first:first + k]
+                vote, c, cs, vt = self._vote_bucket(step, b, vs[first:first + k], r)
+                votes.append(vote)
+                clamped, compress_s, vote_total = clamped + c, compress_s + cs, vote_total + vt
+                first += k
         t3 = time.perf_counter()
         first = 0
         for b, vote in zip(buckets, votes):
