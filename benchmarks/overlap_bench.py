@@ -1,0 +1,81 @@
+"""Overlap of the vote with backward: `mpirun -np 4 python benchmarks/overlap_bench.py`.
+
+Times whole training iterations (forward, backward, optimizer step) of an MLP with
+MVSM, with and without ``overlap=True``, in the same run, and checks that both end with
+the same parameters.  Reports the median of the per-iteration max over ranks."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+import signcomm
+from signcomm.comm import get_transport
+
+
+def build(width, depth, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
+
+
+def run(args, transport, overlap):
+    model = build(args.width, args.depth)
+    opt = signcomm.MVSM(model.parameters(), lr=1e-3, beta=0.5, schedule=args.schedule,
+                        transport=transport, bucket_elements=args.bucket, overlap=overlap)
+    g = torch.Generator().manual_seed(transport.rank)
+    times = []
+    for i in range(args.warmup + args.iters):
+        x = torch.randn(args.batch, args.width, generator=g)
+        y = torch.randint(0, 10, (args.batch,), generator=g)
+        transport.barrier()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        dt = time.perf_counter() - t0
+        if i >= args.warmup:
+            times.append(float(transport.allreduce(np.array([dt]), "max")[0]))
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return float(np.median(times)), params
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--depth", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--bucket", type=int, default=1 << 20, help="coordinates per bucket")
+    ap.add_argument("--schedule", default="allgather")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", help="write the records here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t = get_transport("mpi")
+    sync_s, p_sync = run(args, t, overlap=False)
+    over_s, p_over = run(args, t, overlap=True)
+    same = bool(torch.equal(p_sync, p_over))
+    if t.rank == 0:
+        d = p_sync.numel()
+        print(f"n={t.size} d={d:,} ({args.depth}x{args.width} MLP, batch {args.batch}, "
+              f"buckets of {args.bucket:,}, schedule {args.schedule})")
+        print(f"  iteration without overlap: {sync_s * 1e3:8.1f} ms")
+        print(f"  iteration with overlap:    {over_s * 1e3:8.1f} ms   saving {1 - over_s / sync_s:+.1%}")
+        print(f"  same parameters after both runs: {same}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([dict(name="iteration", overlap=o, n=t.size, d=d, seconds=s,
+                                baseline_seconds=sync_s, ratio=s / sync_s, same_result=same)
+                           for o, s in ((False, sync_s), (True, over_s))], f, indent=1)
+    if not same:
+        raise SystemExit("overlap changed the result")
+
+
+if __name__ == "__main__":
+    main()
