@@ -103,3 +103,16 @@ def test_large_count_allgather_singleton():
     assert out.shape == (1, buf.size)
     assert (out[0, 0], out[0, 2 ** 30 + 5], out[0, -1]) == (1, 2, 3)
     assert int(out.sum(dtype=np.int64)) == 6
+
+
+@requires_horovod
+def test_subgroups_vote_among_members_only():
+    """MPI on a sub-communicator and Horovod on a process set: the even ranks of 3."""
+    job = launch("vote_subgroups.py", 3, launcher="horovodrun", timeout=120)
+    want, _ = oracle_vote([rank_input(0, 1001), rank_input(2, 1001)], SEED, STEP, 3, "sr", "v1", "coin")
+    for r in (0, 2):
+        for transport in ("mpi", "horovod"):
+            assert int(job[r][f"{transport}-size"]) == 2
+            for sched in SCHEDULES:
+                got = K.Vote(job[r][f"{transport}-{sched}"]).values(1001)
+                np.testing.assert_array_equal(got, want, err_msg=f"{transport} {sched} rank {r}")
