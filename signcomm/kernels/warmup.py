@@ -1,0 +1,25 @@
+"""Compile (or load from numba's on-disk cache) every CPU kernel for the input types the
+engine uses, so the first real call, or the first multi-rank job, pays no compile time."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def warmup() -> None:
+    from . import ops
+    from .rng import Purpose, key64, stream_id
+
+    key = key64(0, stream_id(Purpose.TIE_COIN), 0)
+    for dtype in (np.float32, np.float64):
+        x = np.linspace(-1, 1, 77).astype(dtype)
+        ops.pack_signs(x, zero_key=key)
+        ops.stochastic_sign_pack(x, 1.0, key)
+    gathered = np.zeros((3, 10), np.uint8)
+    for tie in ("coin", "zero"):
+        ops.majority_vote(gathered, 77, tie=tie, key=key)
+    counts = ops.vote_counts(gathered, 77)
+    words = ops.pack_count_fields(gathered[0], 77, 2)
+    wide = ops.unpack_count_fields(words, 77, 2)
+    for c in (counts, wide):
+        for variant, tie in (("v1", "coin"), ("v1", "zero"), ("v2", "coin")):
+            ops.vote_from_counts(c, 3, variant=variant, tie=tie, key=key)
