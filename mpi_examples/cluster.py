@@ -55,6 +55,15 @@ def env_local_size() -> int:
     return 1
 
 
+def default_thread_env():
+    """Ranks on one machine share its cores: unless told otherwise, let each rank's
+    thread pools (OpenMP/torch, numba) use cores // local ranks threads (at least one).
+    Must run before torch or numba is imported."""
+    threads = str(max(1, (os.cpu_count() or 1) // env_local_size()))
+    for var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(var, threads)
+
+
 def set_compute_threads():
     """Ranks on one machine share its cores: give torch cores // local ranks threads
     (at least one) unless OMP_NUM_THREADS says otherwise."""

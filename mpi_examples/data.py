@@ -129,6 +129,9 @@ class CifarUnpickler(pickle.Unpickler):
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # how Python 3 writes bytes under protocols 0-2 (a re-pickled archive): str ->
+        # bytes through a codec; no code runs
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module, name):
@@ -160,8 +163,8 @@ def load_cifar_batch(path, label_key: str):
     what came out of the (restricted) unpickler."""
     try:
         d = safe_load_pickle(path)
-    except UnsafePickleError:
-        raise
+    except UnsafePickleError as exc:
+        raise DataError(f"{path}: {exc}") from None
     except Exception as exc:
         raise DataError(f"{path}: not a readable CIFAR python batch ({type(exc).__name__}: {exc})")
     if not isinstance(d, dict):
@@ -230,6 +233,12 @@ def load(name: str, data_dir=None) -> Dataset:
     if name in CIFAR_LAYOUT:
         return load_cifar(name, data_dir)
     raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def limit_train(ds: Dataset, n: int) -> Dataset:
+    """The first ``n`` training samples only (the test set is unchanged)."""
+    return Dataset(ds.name, ds.x_train[:n], ds.y_train[:n], ds.x_test, ds.y_test,
+                   ds.num_classes)
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ The metrics file is JSON lines (one object per line), written by rank 0:
 Definitions (all measured at the end of the epoch, with the model in eval mode):
 
 * ``train_loss``, ``train_acc``: mean cross-entropy and accuracy over the whole training
-  set (the union of the ranks' shares) -- the objective f(x) = (1/n) sum_j f_j(x);
+  set (every training sample, whichever rank trains on it; the computation is split
+  over the ranks) -- the objective f(x) = (1/n) sum_j f_j(x) when the shares are equal;
 * ``grad_l1``, ``grad_l2``: the l1 and l2 norms of the full-batch gradient of that same
   f at the end-of-epoch parameters (the paper's figures), each rank computing the sum
   over its share, one float64 allreduce adding them;

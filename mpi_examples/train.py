@@ -27,6 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from mpi_examples.cluster import default_thread_env  # noqa: E402
+
+default_thread_env()  # before torch and numba start their thread pools
+
 from mpi_examples import data as D  # noqa: E402
 from mpi_examples import methods as M  # noqa: E402
 from mpi_examples import models as MOD  # noqa: E402
@@ -141,6 +145,8 @@ def build_parser():
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--batch-size", type=positive_int, default=16, help="per rank")
     p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--train-samples", type=positive_int, default=None, metavar="N",
+                   help="use only the first N training samples (quick trials)")
     p.add_argument("--heterogeneous", action="store_true",
                    help="label-skewed shares: each rank sees about classes/ranks labels")
     p.add_argument("--byzantine", type=nonneg_int, default=0, metavar="K",
@@ -321,6 +327,8 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     train_idx = D.shard(data.y_train, rank, n, heterogeneous=cfg.heterogeneous, seed=cfg.seed)
+    # evaluation covers the whole training and test sets, split over the ranks
+    eval_train_idx = np.arange(rank, len(data.y_train), n)
     test_idx = np.arange(rank, len(data.y_test), n)
     validate(cfg, cluster, len(train_idx))
 
@@ -352,7 +360,7 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
     writer.write("config", **config_rec)
 
     t_eval = time.perf_counter()
-    ev = MET.evaluate(model, data, train_idx, test_idx, cluster, full_grad=args.full_grad)
+    ev = MET.evaluate(model, data, eval_train_idx, test_idx, cluster, full_grad=args.full_grad)
     rec = dict(epoch=0, step=0, **ev, train_loss_running=None, bytes_sent=0, bytes_received=0,
                bytes_sent_max=0, bytes_received_max=0, bytes_sent_total=0,
                bytes_received_total=0, time_compute_s=0.0, time_compress_s=0.0,
@@ -398,7 +406,7 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
             bar.update(lval)
         red = meter.reduce(cluster)
         t_eval = time.perf_counter()
-        ev = MET.evaluate(model, data, train_idx, test_idx, cluster, full_grad=args.full_grad)
+        ev = MET.evaluate(model, data, eval_train_idx, test_idx, cluster, full_grad=args.full_grad)
         totals["sent"] += red["bytes_sent"]
         totals["received"] += red["bytes_received"]
         rec = dict(epoch=epoch, step=step, **ev, **red, bytes_sent_total=totals["sent"],
@@ -469,6 +477,8 @@ def main(argv=None) -> list[RunResult]:
         dataset = D.load(args.data, args.data_dir)  # every rank alike, before any collective
     except D.DataError as exc:
         raise UsageError(str(exc))
+    if args.train_samples is not None:
+        dataset = D.limit_train(dataset, args.train_samples)
     set_compute_threads()
     try:
         cluster = Cluster(args.transport)
