@@ -174,6 +174,27 @@ class MPIAllreduceMethod:
         return out
 
 
+def _compressor(name, seed, named_parameters):
+    """A fresh compressor of ``compressors`` for ``hvd-sign|sr|s1`` (its own step counter
+    and the run's seed), or ``compressors.Compression.<kind>`` when the classes are not
+    there."""
+    kind = name.split("-", 1)[1]
+    try:
+        import compressors
+    except ImportError as exc:
+        raise MethodError(f"{name} needs the compressors package, which does not import "
+                          f"({exc})")
+    cls = getattr(compressors, {"sign": "SignCompressor", "sr": "SRCompressor",
+                                "s1": "S1Compressor"}[kind], None)
+    if cls is not None:
+        return cls(seed=seed, named_parameters=named_parameters)
+    comp = getattr(getattr(compressors, "Compression", None), kind, None)
+    if comp is None:
+        raise MethodError(f"{name} needs compressors.Compression.{kind}, which this checkout "
+                          "does not have yet")
+    return comp
+
+
 class _Metered:
     """Wraps a Horovod compressor: times compress/decompress and adds up the bytes of
     what compress hands to Horovod's allreduce (the wire payload)."""
@@ -187,10 +208,16 @@ class _Metered:
         self.payload_bytes = 0
 
     def compress(self, tensor):
+        stats = getattr(self.inner, "stats", None)
+        before = stats.get("wire_bytes") if isinstance(stats, dict) else None
         t0 = time.perf_counter()
         out, ctx = self.inner.compress(tensor)
         self.compress_s += time.perf_counter() - t0
-        self.payload_bytes += ring_allreduce_bytes(out.numel() * out.element_size(), self.n)
+        if before is not None:  # every message, also those the compressor sends itself
+            wire = self.inner.stats["wire_bytes"] - before
+        else:
+            wire = out.numel() * out.element_size()
+        self.payload_bytes += ring_allreduce_bytes(wire, self.n)
         return out, ctx
 
     def decompress(self, tensor, ctx):
@@ -207,27 +234,21 @@ class HorovodMethod:
     the compressors) and then applies the base optimizer (update).  Bytes per step are
     the ring-allreduce bytes of the tensors handed to Horovod."""
 
-    def __init__(self, name, model, cluster, *, lr, beta, weight_decay):
+    def __init__(self, name, model, cluster, *, lr, beta, weight_decay, seed=0):
         hvd = cluster.hvd
         if hvd is None:
             raise MethodError(f"{name} runs through hvd.DistributedOptimizer: launch with "
                               "horovodrun, or pass --transport horovod")
         params = _grad_params(model)
         base = _base_optimizer(name, params, lr, beta if beta is not None else 1.0, weight_decay)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if name in COMPRESSOR_METHODS:
-            try:
-                import compressors
-                inner = getattr(compressors.Compression, name.split("-", 1)[1])
-            except (ImportError, AttributeError) as exc:
-                raise MethodError(f"{name} needs compressors.Compression."
-                                  f"{name.split('-', 1)[1]}, which this checkout does not have "
-                                  f"yet ({exc})")
+            inner = _compressor(name, seed, named)
             self.wire = f"compressors.Compression.{name.split('-', 1)[1]} via hvd allreduce"
         else:
             inner = hvd.Compression.none
             self.wire = "fp32 allreduce (Horovod)"
         self.meter = _Metered(inner, cluster.size)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.opt = hvd.DistributedOptimizer(base, named_parameters=named,
                                             compression=self.meter)
         self.single = cluster.size == 1
@@ -267,7 +288,8 @@ def create(name, model, cluster, *, lr, beta, schedule=None, seed=0, byzantine=F
     if schedule is not None:
         raise MethodError(f"--schedule applies to the majority-vote methods, not to {name}")
     if fam == "compressor" or cluster.engine == "horovod":
-        return HorovodMethod(name, model, cluster, lr=lr, beta=beta, weight_decay=weight_decay)
+        return HorovodMethod(name, model, cluster, lr=lr, beta=beta, weight_decay=weight_decay,
+                             seed=seed)
     return MPIAllreduceMethod(name, model, cluster, lr=lr, beta=beta, weight_decay=weight_decay)
 
 

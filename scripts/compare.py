@@ -1,0 +1,280 @@
+#!/usr/bin/env python
+"""The paper's two experiments (section 5) in miniature, on scikit-learn's digits:
+
+1. centralized, one process: Signum, signSGD, SGDM, AdamW (the paper: ResNet-18 on
+   CIFAR-10, Figure 1);
+2. distributed, 8 ranks (mpirun, mpi4py): MVSM v1/v2, signSGD-MV, Signum-MV, Sto-signSGD,
+   MV-sto-signSGD-SIM and SGDM over an fp32 allreduce (the paper: ResNet-50 on CIFAR-100,
+   Figure 2); plus the majority-vote methods with 2 of 8 ranks Byzantine.
+
+Each experiment is a small grid over beta and lr (seed 0), then the best setting of each
+method (highest final test accuracy, ties by lower training loss) again with more seeds;
+the figures show mean and +-1 std over those seeds.  Many runs share one launch
+(train.py --plan), so the 7-s start of an 8-rank torch job is paid four times, not once
+per run.
+
+    python scripts/compare.py                 # `make compare`: results/compare/
+    python scripts/compare.py --quick         # a smaller grid, for a smoke test
+
+Outputs in --out: results.md (tables), centralized.png, distributed.png, byzantine.png,
+best.json, and the metrics files of every run under runs/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from signcomm import plot as P  # noqa: E402
+
+TRAIN = ROOT / "mpi_examples" / "train.py"
+
+# The grids (the paper: beta in {0.9, 0.5, 0.1, 0.01}, lr in {5, 2.5, 1, 0.5, 0.25,
+# 0.1} x 1e-3, for every optimizer).  Sign methods move every coordinate by lr per
+# step, so their lr is on the paper's scale; SGDM/AdamW get their own ranges.
+SIGN_LR = [0.01, 0.005, 0.0025]
+BETAS = [0.5, 0.1]
+GRIDS = {
+    "centralized": {
+        "signum": dict(lr=SIGN_LR, beta=BETAS),
+        "signsgd": dict(lr=SIGN_LR),
+        "sgdm": dict(lr=[0.1, 0.05, 0.02], beta=[0.1]),
+        "adamw": dict(lr=[0.005, 0.002, 0.001], beta=[0.1]),
+    },
+    "distributed": {
+        "mvsm-v1": dict(lr=SIGN_LR, beta=BETAS),
+        "mvsm-v2": dict(lr=SIGN_LR, beta=BETAS),
+        "signsgd-mv": dict(lr=SIGN_LR),
+        "signum-mv": dict(lr=SIGN_LR, beta=BETAS),
+        "sto-signsgd": dict(lr=SIGN_LR),
+        "mv-sto-signsgd-sim": dict(lr=SIGN_LR, beta=BETAS),
+        "sgdm": dict(lr=[0.1, 0.05, 0.02], beta=[0.1]),
+    },
+}
+QUICK_GRIDS = {
+    "centralized": {m: {k: v[:1] for k, v in g.items()} for m, g in GRIDS["centralized"].items()},
+    "distributed": {m: {k: v[:1] for k, v in g.items()} for m, g in GRIDS["distributed"].items()},
+}
+VOTE_METHODS = ("mvsm-v1", "mvsm-v2", "signsgd-mv", "signum-mv", "sto-signsgd",
+                "mv-sto-signsgd-sim")
+
+
+def expand(grid, seed, schedule=None):
+    runs = []
+    for method, axes in grid.items():
+        for lr in axes["lr"]:
+            for beta in axes.get("beta", [None]):
+                run = {"method": method, "lr": lr, "seed": seed}
+                if beta is not None:
+                    run["beta"] = beta
+                if schedule and method in VOTE_METHODS:
+                    run["schedule"] = schedule
+                runs.append(run)
+    return runs
+
+
+def bin_path(name):
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def launch(ranks, plan, out_dir, common, log):
+    """train.py --plan on ``ranks`` ranks (mpirun; one plain process when ranks == 1)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan_path = out_dir / "plan.json"
+    plan_path.write_text(json.dumps(plan, indent=1))
+    cmd = [sys.executable, str(TRAIN), "--plan", str(plan_path), "--out-dir", str(out_dir),
+           "--progress", "none", "--quiet", *common]
+    if ranks > 1:
+        cmd = [bin_path("mpirun"), "-np", str(ranks)] + cmd
+    log(f"$ {' '.join(cmd[:4])} ... ({len(plan)} runs, {ranks} rank(s))")
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=str(ROOT), text=True, capture_output=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"compare: a launch failed (exit {proc.returncode}); see above")
+    log(f"  done in {time.time() - t0:.0f} s")
+    return proc.stdout
+
+
+def summaries(folder):
+    out = []
+    for run in P.load_runs([folder]):
+        s = run["summary"] or {}
+        out.append(dict(run=run, cfg=run["config"], s=s))
+    return out
+
+
+def pick_best(runs):
+    """Best run per method: highest final test accuracy, then lowest training loss."""
+    best = {}
+    for r in runs:
+        s = r["s"]
+        acc = s.get("final_test_acc")
+        loss = s.get("final_train_loss")
+        if acc is None or s.get("diverged"):
+            continue
+        key = (acc, -(loss if loss is not None else math.inf))
+        m = r["cfg"]["method"]
+        if m not in best or key > best[m][0]:
+            best[m] = (key, r)
+    return {m: r for m, (_, r) in best.items()}
+
+
+def setting(cfg):
+    d = {"method": cfg["method"], "lr": cfg["lr"]}
+    if cfg.get("beta") is not None:
+        d["beta"] = cfg["beta"]
+    if cfg.get("schedule"):
+        d["schedule"] = cfg["schedule"]
+    return d
+
+
+def stats(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    m = sum(vals) / len(vals)
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+
+
+def human(b):
+    for unit in ("B", "KB", "MB", "GB"):
+        if b < 1000 or unit == "GB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1000
+
+
+def table(rows_by_method, title, ranks):
+    lines = [f"### {title}", "",
+             "| method | lr | beta | seeds | test acc (mean +- std) | train loss | "
+             "sent per rank per step | sent per rank, whole run | vs fp32 allreduce |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for method, runs in rows_by_method.items():
+        cfg = runs[0]["cfg"]
+        acc = stats([r["s"].get("final_test_acc") for r in runs])
+        loss = stats([r["s"].get("final_train_loss") for r in runs])
+        sent = stats([r["s"].get("bytes_sent_per_rank") for r in runs])[0]
+        per_step = stats([r["s"].get("bytes_sent_per_rank_per_step") for r in runs])[0]
+        fp32 = stats([r["s"].get("fp32_allreduce_bytes_per_rank") for r in runs])[0]
+        ratio = f"{fp32 / sent:.1f}x less" if ranks > 1 and sent else "-"
+        beta = "-" if cfg.get("beta") is None else f"{cfg['beta']:g}"
+        lines.append(f"| {method} | {cfg['lr']:g} | {beta} | {len(runs)} | "
+                     f"{acc[0]:.4f} +- {acc[1]:.4f} | {loss[0]:.4f} +- {loss[1]:.4f} | "
+                     f"{human(per_step) if ranks > 1 else '-'} | "
+                     f"{human(sent) if ranks > 1 else '-'} | {ratio} |")
+    return "\n".join(lines)
+
+
+def grid_table(runs, title):
+    lines = [f"#### {title}: every grid run (seed 0)", "",
+             "| method | lr | beta | test acc | train loss |", "| --- | --- | --- | --- | --- |"]
+    for r in sorted(runs, key=lambda r: (r["cfg"]["method"], -r["cfg"]["lr"],
+                                          -(r["cfg"].get("beta") or 0))):
+        s, cfg = r["s"], r["cfg"]
+        beta = "-" if cfg.get("beta") is None else f"{cfg['beta']:g}"
+        acc = s.get("final_test_acc")
+        loss = s.get("final_train_loss")
+        lines.append(f"| {cfg['method']} | {cfg['lr']:g} | {beta} | "
+                     f"{'n/a' if acc is None else f'{acc:.4f}'} | "
+                     f"{'n/a' if loss is None else f'{loss:.4f}'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "results" / "compare"))
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16, help="per rank")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of the best settings")
+    ap.add_argument("--byzantine", type=int, default=2)
+    ap.add_argument("--schedule", default="sharded",
+                    help="vote schedule of the majority-vote methods (default sharded: "
+                         "1 bit up, 1 bit down)")
+    ap.add_argument("--quick", action="store_true", help="one setting per method, 1 seed")
+    ap.add_argument("--skip-centralized", action="store_true")
+    args = ap.parse_args(argv)
+    grids = QUICK_GRIDS if args.quick else GRIDS
+    seeds = 1 if args.quick else args.seeds
+    out = Path(args.out)
+    runs_dir = out / "runs"
+    if runs_dir.exists():
+        shutil.rmtree(runs_dir)
+    t_start = time.time()
+
+    def log(msg):
+        print(msg, flush=True)
+
+    common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+    report = [f"# make compare: the paper's experiments in miniature on digits", "",
+              f"Digits (1438 train / 359 test images, 8x8), small CNN "
+              f"(38,282 parameters), {args.epochs} epochs, batch {args.batch_size} per "
+              f"rank. Grid: beta in {BETAS}, sign lr in {SIGN_LR} (SGDM and AdamW: their own "
+              f"lr ranges); best setting per method = highest final test accuracy of "
+              f"seed 0, then rerun with {seeds} seed(s). Vote schedule: {args.schedule}.", ""]
+    best_all = {}
+    experiments = [] if args.skip_centralized else [("centralized", 1)]
+    experiments.append(("distributed", args.ranks))
+    for name, ranks in experiments:
+        log(f"== {name} ({ranks} rank(s)): grid")
+        grid_dir = runs_dir / name / "grid"
+        launch(ranks, expand(grids[name], 0, args.schedule if ranks > 1 else None), grid_dir,
+               common, log)
+        grid = summaries(grid_dir)
+        best = pick_best(grid)
+        missing = set(grids[name]) - set(best)
+        if missing:
+            log(f"  no usable run for {sorted(missing)} (all diverged?)")
+        best_all[name] = {m: setting(r["cfg"]) for m, r in best.items()}
+        plan = [dict(setting(r["cfg"]), seed=s) for r in best.values() for s in range(1, seeds)]
+        if name == "distributed" and args.byzantine:
+            plan += [dict(setting(best[m]["cfg"]), seed=s, byzantine=args.byzantine)
+                     for m in VOTE_METHODS if m in best for s in range(seeds)]
+        seeds_dir = runs_dir / name / "seeds"
+        if plan:
+            log(f"== {name}: best settings with more seeds"
+                + (f", and {args.byzantine} Byzantine ranks" if name == "distributed" else ""))
+            launch(ranks, plan, seeds_dir, common, log)
+        more = summaries(seeds_dir) if plan else []
+        rows = {}
+        for m, r in best.items():
+            rows[m] = [r] + [x for x in more if setting(x["cfg"]) == setting(r["cfg"])
+                             and not x["cfg"].get("byzantine")]
+        fig_runs = [x["run"] for rs in rows.values() for x in rs]
+        fig = out / f"{name}.png"
+        P.plot(P.group_runs(fig_runs), fig, title=f"{name}: digits, {ranks} rank(s), "
+               f"best grid setting per method, {seeds} seed(s)")
+        report += [table(rows, f"{name.capitalize()} ({ranks} rank(s))", ranks), "",
+                   f"![{name}]({fig.name})", ""]
+        if name == "distributed" and args.byzantine:
+            byz = {}
+            for x in more:
+                if x["cfg"].get("byzantine"):
+                    byz.setdefault(x["cfg"]["method"], []).append(x)
+            if byz:
+                fig = out / "byzantine.png"
+                P.plot(P.group_runs([x["run"] for rs in byz.values() for x in rs]), fig,
+                       title=f"{args.byzantine} of {ranks} ranks Byzantine (inverted signs)")
+                report += [table(byz, f"{args.byzantine} of {ranks} ranks Byzantine "
+                                 "(they send inverted signs)", ranks), "",
+                           f"![byzantine]({fig.name})", ""]
+        report += [grid_table(grid, name.capitalize()), ""]
+    report.append(f"Total time: {time.time() - t_start:.0f} s on {os.cpu_count()} core(s).")
+    (out / "results.md").write_text("\n".join(report) + "\n")
+    (out / "best.json").write_text(json.dumps(best_all, indent=1))
+    log("\n".join(report))
+    log(f"\nwrote {out / 'results.md'} and the figures in {out}")
+
+
+if __name__ == "__main__":
+    main()
