@@ -3,19 +3,43 @@ that states the same algorithm in array operations; tests keep the two bit-ident
 
 Random words use the arithmetic of ``rng.py`` (SplitMix64 over the position), written
 here in uint64 so numba never promotes to float.
+
+Speed notes (what makes these loops fast on a plain AVX2 CPU; ``benchmarks/kernel_bench.py``
+measures them against a memory copy):
+
+- Every hot loop is branch-free over contiguous memory so LLVM vectorises it; rare cases
+  (an exact zero, a tied vote) get a separate sparse pass instead of a branch per element.
+- Bits are assembled eight at a time: a uint64 whose 8 bytes are 0/1 flags becomes the
+  packed byte with one multiply (``_pack8``), and back with ``_spread8``.
+- The vote counts 64 coordinates per uint64 word with bit-sliced counters (one bit plane
+  per bit of the count), over blocks of words that stay in L1, split over threads.
+- Words are read from packed bytes through little-endian uint64 views (x86, ARM).
+- Small counters are int32 (vectorises); each parallel task's totals are summed at the end.
+- Inner loops index a slice with the loop counter (``xs[k]`` for ``k in range(m)``), not
+  ``x[i0 + k]``: numba wraps negative indices, and when LLVM cannot prove an index is
+  >= 0 the wraparound branch stops vectorisation (measured: 5x slower).
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.cpython.unsafe.numbers import trailing_zeros
 
-U64 = numba.uint64
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 MIX2 = np.uint64(0x94D049BB133111EB)
 ONE = np.uint64(1)
 TWO_M53 = 2.0 ** -53
-CHUNK_BYTES = 1 << 13  # bytes of output per parallel task (64 Ki coordinates)
+TWO_31 = 2147483648.0
+LO31 = np.uint64(0x7FFFFFFF)
+PACK8 = np.uint64(0x0102040810204080)    # (w * PACK8) >> 56: low bit of each byte -> bit k
+LANE_BITS = np.uint64(0x8040201008040201)  # bit k of byte k
+LANE_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+LANE_ONES = np.uint64(0x0101010101010101)
+
+SIGN_CHUNK = 1 << 16   # coordinates per parallel task in sign_pack (multiple of 64)
+SR_CHUNK = 1 << 13     # coordinates per parallel task in stochastic_sign_pack (multiple of 64)
+VOTE_WORDS = 512       # uint64 words per row per vote block: n * 4 KiB read per block
 
 jit = numba.njit(cache=True, nogil=True)
 pjit = numba.njit(cache=True, nogil=True, parallel=True)
@@ -29,32 +53,70 @@ def _word(key, pos):
     return z ^ (z >> np.uint64(31))
 
 
+@jit
+def _pack8(w):
+    """uint64 whose byte k is 0 or 1 -> one byte with bit k = byte k (little bit order).
+    The multiply moves byte k's low bit to bit 56 + k; no two partial products collide
+    in bits 56..63."""
+    return np.uint8((w * PACK8) >> np.uint64(56))
+
+
+@jit
+def _spread8(b):
+    """Inverse of _pack8: byte b -> uint64 whose byte k is bit k of b (0 or 1)."""
+    x = (np.uint64(b) * LANE_ONES) & LANE_BITS
+    return ((x + LANE_LOW7) >> np.uint64(7)) & LANE_ONES
+
+
+@jit
+def _nplanes(n):
+    """Bits of a count from 0 to n (bit_length(n))."""
+    p = 1
+    while (1 << p) <= n:
+        p += 1
+    return p
+
+
+# ---------------------------------------------------------------------------------------
+# sign and S_R, fused with packing
+
+
 @pjit
 def sign_pack(x, out, zero_key, use_zero_key, offset):
     """out[b] = bits (x > 0) of x[8b:8b+8]; an exact 0 is a coin of zero_key when
     use_zero_key, else bit 0.  Returns the number of non-finite inputs (fused check)."""
     d = x.shape[0]
-    nbytes = out.shape[0]
-    nchunks = (nbytes + CHUNK_BYTES - 1) // CHUNK_BYTES
+    nchunks = (d + SIGN_CHUNK - 1) // SIGN_CHUNK
     bad = np.zeros(nchunks, np.int64)
     for c in numba.prange(nchunks):
-        b0 = c * CHUNK_BYTES
-        b1 = min(b0 + CHUNK_BYTES, nbytes)
-        nbad = 0
-        for b in range(b0, b1):
-            i0 = 8 * b
+        i0 = c * SIGN_CHUNK
+        i1 = min(i0 + SIGN_CHUNK, d)
+        xs = x[i0:i1]
+        os = out[i0 >> 3:]
+        nbad = np.int32(0)
+        nzero = np.int32(0)
+        nfull = (i1 - i0) >> 3
+        for b in range(nfull):
+            w = np.uint64(0)
+            for k in range(8):
+                v = xs[8 * b + k]
+                w |= np.uint64(v > 0) << np.uint64(8 * k)
+                nbad += np.int32(not (abs(v) < np.inf))
+                nzero += np.int32(v == 0)
+            os[b] = _pack8(w)
+        if 8 * nfull < i1 - i0:  # the last, partial byte; its padding bits stay 0
             byte = 0
-            zeros = 0
-            for k in range(min(8, d - i0)):
-                v = x[i0 + k]
+            for k in range(i1 - i0 - 8 * nfull):
+                v = xs[8 * nfull + k]
                 byte |= np.int64(v > 0) << k
-                zeros |= np.int64(v == 0) << k
-                nbad += not (abs(v) < np.inf)
-            if zeros and use_zero_key:
-                for k in range(8):
-                    if (zeros >> k) & 1:
-                        byte |= np.int64(_word(zero_key, offset + i0 + k) >> np.uint64(63)) << k
-            out[b] = byte
+                nbad += np.int32(not (abs(v) < np.inf))
+                nzero += np.int32(v == 0)
+            os[nfull] = byte
+        if nzero > 0 and use_zero_key:  # rare: a sparse pass over this chunk
+            for k in range(i1 - i0):
+                if xs[k] == 0:
+                    coin = np.uint8(_word(zero_key, offset + i0 + k) >> np.uint64(63))
+                    os[k >> 3] |= coin << np.uint8(k & 7)
         bad[c] = nbad
     return bad.sum()
 
@@ -62,135 +124,320 @@ def sign_pack(x, out, zero_key, use_zero_key, offset):
 @pjit
 def stochastic_sign_pack(v, seg_ends, half_over_r, r, out, key, offset):
     """S_R of eq. (8), fused with packing.  Segment s covers [seg_ends[s-1], seg_ends[s])
-    with bound r[s]; coordinate i gets bit 1 with probability p = 0.5 + v_i * (0.5 / R),
-    clipped to [0, 1], decided by u_i < p with u_i the top 53 bits of its random word.
-    Returns (non-finite count, clamped count) where clamped counts |v_i| > R."""
+    with bound r[s] (seg_ends ends with a sentinel past d); coordinate i gets bit 1 with
+    probability p = 0.5 + v_i * (0.5 / R), clipped to [0, 1], decided by u_i < p with
+    u_i the top 53 bits of its random word times 2**-53.  Returns (non-finite count,
+    clamped count) where clamped counts |v_i| > R.
+
+    The 53-bit integer is converted to float in two exact int32 halves (22 + 31 bits):
+    AVX2 has no vector int64 -> float conversion, int32 -> float it has."""
     d = v.shape[0]
-    nbytes = out.shape[0]
-    nchunks = (nbytes + CHUNK_BYTES - 1) // CHUNK_BYTES
+    nchunks = (d + SR_CHUNK - 1) // SR_CHUNK
     bad = np.zeros(nchunks, np.int64)
     clamped = np.zeros(nchunks, np.int64)
+    base = np.uint64(offset) * GOLDEN + GOLDEN + key  # word of i: mix(i * GOLDEN + base)
     for c in numba.prange(nchunks):
-        b0 = c * CHUNK_BYTES
-        b1 = min(b0 + CHUNK_BYTES, nbytes)
-        i = 8 * b0
-        s = np.searchsorted(seg_ends, i, side="right")
-        nbad = 0
-        nclamp = 0
-        for b in range(b0, b1):
-            byte = 0
-            for k in range(min(8, d - 8 * b)):
-                while seg_ends[s] <= i:
-                    s += 1
-                x = np.float64(v[i])
-                nbad += not (abs(x) < np.inf)
-                nclamp += abs(x) > r[s]
-                p = 0.5 + x * half_over_r[s]
-                u = np.float64(_word(key, offset + i) >> np.uint64(11)) * TWO_M53
-                byte |= np.int64(u < p) << k
-                i += 1
-            out[b] = byte
+        i0 = c * SR_CHUNK
+        i1 = min(i0 + SR_CHUNK, d)
+        flags = np.zeros(SR_CHUNK, np.uint8)
+        s = np.searchsorted(seg_ends, i0, side="right")
+        nbad = np.int32(0)
+        nclamp = np.int32(0)
+        a = i0
+        while a < i1:
+            e = min(i1, seg_ends[s])
+            rs = r[s]
+            hs = half_over_r[s]
+            vs = v[a:e]
+            fs = flags[a - i0:e - i0]
+            base_a = np.uint64(a) * GOLDEN + base
+            for k in range(e - a):
+                x = np.float64(vs[k])
+                nbad += np.int32(not (abs(x) < np.inf))
+                nclamp += np.int32(abs(x) > rs)
+                z = np.uint64(k) * GOLDEN + base_a
+                z = (z ^ (z >> np.uint64(30))) * MIX1
+                z = (z ^ (z >> np.uint64(27))) * MIX2
+                z = z ^ (z >> np.uint64(31))
+                hi = np.float64(np.int32(z >> np.uint64(42)))
+                lo = np.float64(np.int32((z >> np.uint64(11)) & LO31))
+                u = (hi * TWO_31 + lo) * TWO_M53
+                fs[k] = u < 0.5 + x * hs
+            a = e
+            s += 1
+        fw = flags.view(np.uint64)
+        os = out[i0 >> 3:]
+        for b in range(min(SR_CHUNK >> 3, os.shape[0])):
+            os[b] = _pack8(fw[b])
         bad[c] = nbad
         clamped[c] = nclamp
     return bad.sum(), clamped.sum()
 
 
+# ---------------------------------------------------------------------------------------
+# the vote
+
+
 @jit
-def _count_block(g, b0, b1, planes):
-    """Bit-sliced counters of the n rows of g over bytes [b0, b1): after the call,
-    bit k of planes[j, i] is bit j of the number of rows whose byte b0+i has bit k set.
-    A ripple-carry add of one row at a time; loops run over contiguous bytes so LLVM
-    vectorises them."""
+def _count_block(g, b0, w, planes, carry):
+    """Bit-sliced counters of the n rows of g over the 8w bytes from b0, as uint64 words:
+    after the call bit m of planes[j, i] is bit j of the number of rows whose word i has
+    bit m set.  Rows are added one at a time (ripple carry through the planes that the
+    count can reach so far); each loop runs over w contiguous words, so it vectorises."""
     n = g.shape[0]
     nplanes = planes.shape[0]
-    w = b1 - b0
-    carry = np.empty(w, np.uint8)
-    planes[:, :w] = 0
-    for r in range(n):
+    row = g[0, b0:b0 + 8 * w].view(np.uint64)
+    p0 = planes[0]
+    for i in range(w):
+        p0[i] = row[i]
+    for j in range(1, nplanes):
+        pj = planes[j]
         for i in range(w):
-            carry[i] = g[r, b0 + i]
-        for j in range(nplanes):
+            pj[i] = 0
+    for r in range(1, n):
+        row = g[r, b0:b0 + 8 * w].view(np.uint64)
+        for i in range(w):
+            x = row[i]
+            carry[i] = p0[i] & x
+            p0[i] ^= x
+        top = _nplanes(r + 1)  # the count is at most r + 1 now
+        for j in range(1, top):
             pj = planes[j]
             for i in range(w):
-                t = pj[i] & carry[i]
-                pj[i] ^= carry[i]
+                cy = carry[i]
+                t = pj[i] & cy
+                pj[i] ^= cy
                 carry[i] = t
 
 
-VOTE_BLOCK = 4096
+@jit
+def _compare_half(planes, w, half, gt, eq):
+    """gt[i] bit m = (count > half), eq[i] bit m = (count == half), most significant
+    plane first."""
+    for i in range(w):
+        gt[i] = 0
+        eq[i] = ~np.uint64(0)
+    for j in range(planes.shape[0] - 1, -1, -1):
+        pj = planes[j]
+        if (half >> j) & 1:
+            for i in range(w):
+                eq[i] &= pj[i]
+        else:
+            for i in range(w):
+                gt[i] |= eq[i] & pj[i]
+                eq[i] &= ~pj[i]
+
+
+GOLDEN_TIMES = np.arange(64, dtype=np.uint64) * GOLDEN  # m * GOLDEN, m < 64 (mod 2**64)
+
+
+@jit
+def _coins(res, tie, key, pos0):
+    """res with bit m set to the top bit of the word at position pos0 + m (as _word:
+    the top bit of SplitMix64's last xor-shift is that of the product before it), for
+    every bit m set in tie.  Sparse: one SplitMix64 per tied coordinate."""
+    base = np.uint64(pos0) * GOLDEN + GOLDEN + key
+    while tie:
+        m = trailing_zeros(tie)
+        z = base + GOLDEN_TIMES[m]
+        z = (z ^ (z >> np.uint64(30))) * MIX1
+        z = (z ^ (z >> np.uint64(27))) * MIX2
+        res |= (z >> np.uint64(63)) << m
+        tie &= tie - ONE
+    return res
+
+
+@jit
+def _v1_block(g, b0, w, n, tie_coin, tie_key, pos0, planes, carry, gt, eq, res, nz):
+    """v1 over the 8w bytes of g from b0: res[i] = packed o, nz[i] = packed (o != 0).
+    pos0 = position of the block's first coordinate."""
+    _count_block(g, b0, w, planes, carry)
+    half = n // 2
+    _compare_half(planes, w, half, gt, eq)
+    even = n % 2 == 0
+    for i in range(w):
+        r = gt[i]
+        tie = eq[i] if even else np.uint64(0)
+        if tie_coin and tie:
+            r = _coins(r, tie, tie_key, pos0 + 64 * i)
+        res[i] = r
+        nz[i] = ~tie
+
+
+@jit
+def _tail_rows(g, nbytes):
+    """The last nbytes % 8 bytes of each row, zero-padded to one uint64 word per row."""
+    n = g.shape[0]
+    b0 = nbytes - nbytes % 8
+    t = np.zeros((n, 8), np.uint8)
+    for r in range(n):
+        for b in range(b0, nbytes):
+            t[r, b - b0] = g[r, b]
+    return t
+
+
+@jit
+def _store_tail(word, out, b0, nbytes):
+    for b in range(b0, nbytes):
+        out[b] = np.uint8((word >> np.uint64(8 * (b - b0))) & np.uint64(0xFF))
 
 
 @pjit
-def majority_vote(g, out, nonzero, tie_coin, tie_key, offset):
-    """v1 (eq. 10) over gathered packed rows g (n, nbytes): out bit = 1 where 2c > n.
-    Ties (2c = n, even n): tie_coin -> a fair coin of tie_key at the coordinate's
-    position (offset + i); else out bit 0 and nonzero bit 0 (sign(0) = 0).
-    nonzero (length 0 when unused) gets 1 where the result is not a tie."""
+def majority_vote(g, nbytes, out, nonzero, tie_coin, tie_key, offset):
+    """v1 (eq. 10) over gathered packed rows g[:, :nbytes] (n rows): out bit = 1 where
+    2c > n, i.e. c > n // 2.  Ties (2c = n, even n): tie_coin -> a fair coin of tie_key
+    at the coordinate's position (offset + i); else out bit 0 and nonzero bit 0
+    (sign(0) = 0).  nonzero (length 0 when unused) gets 1 where the result is not a tie.
+    Padding bits of the result are whatever the padding of the input gives (the caller
+    clears them)."""
     n = g.shape[0]
-    nbytes = g.shape[1]
-    nplanes = 1
-    while (1 << nplanes) <= n:
-        nplanes += 1
-    half = n // 2
-    even = n % 2 == 0
-    nblocks = (nbytes + VOTE_BLOCK - 1) // VOTE_BLOCK
+    nplanes = _nplanes(n)
+    nwords = nbytes // 8
+    nblocks = (nwords + VOTE_WORDS - 1) // VOTE_WORDS
     want_nonzero = nonzero.shape[0] > 0
-    for blk in numba.prange(nblocks):
-        b0 = blk * VOTE_BLOCK
-        b1 = min(b0 + VOTE_BLOCK, nbytes)
-        w = b1 - b0
-        planes = np.empty((nplanes, VOTE_BLOCK), np.uint8)
-        _count_block(g, b0, b1, planes)
-        # Compare the bit-sliced count with `half`, most significant plane first.
-        gt = np.zeros(w, np.uint8)
-        eq = np.full(w, 0xFF, np.uint8)
-        for j in range(nplanes - 1, -1, -1):
-            pj = planes[j]
-            if (half >> j) & 1:
-                for i in range(w):
-                    eq[i] &= pj[i]
-            else:
-                for i in range(w):
-                    gt[i] |= eq[i] & pj[i]
-                    eq[i] &= ~pj[i]
-        for i in range(w):
-            byte = gt[i]
-            tie = eq[i] if even else np.uint8(0)
-            if tie and tie_coin:
-                pos = offset + 8 * (b0 + i)
-                coins = 0
-                for k in range(8):
-                    if (tie >> k) & 1:
-                        coins |= np.int64(_word(tie_key, pos + k) >> np.uint64(63)) << k
-                byte |= np.uint8(coins)
-            out[b0 + i] = byte
+    for blk in numba.prange(nblocks + 1):
+        planes = np.empty((nplanes, VOTE_WORDS), np.uint64)
+        carry = np.empty(VOTE_WORDS, np.uint64)
+        gt = np.empty(VOTE_WORDS, np.uint64)
+        eq = np.empty(VOTE_WORDS, np.uint64)
+        res = np.empty(VOTE_WORDS, np.uint64)
+        nz = np.empty(VOTE_WORDS, np.uint64)
+        if blk < nblocks:
+            w0 = blk * VOTE_WORDS
+            w = min(VOTE_WORDS, nwords - w0)
+            b0 = 8 * w0
+            _v1_block(g, b0, w, n, tie_coin, tie_key, offset + 8 * b0,
+                      planes, carry, gt, eq, res, nz)
+            ow = out[b0:b0 + 8 * w].view(np.uint64)
+            for i in range(w):
+                ow[i] = res[i]
             if want_nonzero:
-                nonzero[b0 + i] = ~tie
+                zw = nonzero[b0:b0 + 8 * w].view(np.uint64)
+                for i in range(w):
+                    zw[i] = nz[i]
+        elif nbytes % 8:  # the last task: the bytes after the last full word
+            b0 = 8 * nwords
+            t = _tail_rows(g, nbytes)
+            _v1_block(t, 0, 1, n, tie_coin, tie_key, offset + 8 * b0,
+                      planes, carry, gt, eq, res, nz)
+            _store_tail(res[0], out, b0, nbytes)
+            if want_nonzero:
+                _store_tail(nz[0], nonzero, b0, nbytes)
     return 0
+
+
+@jit
+def _planes_to_counts(planes, w, cbuf):
+    """Bit-sliced counters of w words -> one count per coordinate, cbuf[64 i + m]."""
+    nplanes = planes.shape[0]
+    if cbuf.itemsize == 1:  # counts < 256: spread eight bits into eight bytes at once
+        cw = cbuf.view(np.uint64)
+        for j in range(nplanes):
+            pb = planes[j, :w].view(np.uint8)  # byte q of the plane = coordinates 8q..8q+7
+            sh = np.uint64(j)
+            if j == 0:
+                for q in range(8 * w):
+                    cw[q] = _spread8(pb[q])
+            else:
+                for q in range(8 * w):
+                    cw[q] |= _spread8(pb[q]) << sh
+    else:
+        for i in range(w):
+            for m in range(64):
+                c = 0
+                for j in range(nplanes):
+                    c |= np.int64((planes[j, i] >> np.uint64(m)) & ONE) << j
+                cbuf[64 * i + m] = c
 
 
 @pjit
 def counts(g, out):
-    """Per-coordinate number of rows with bit 1, for gathered packed rows g (n, nbytes)."""
+    """Per-coordinate number of rows with bit 1, for gathered packed rows g (n rows,
+    at least ceil(d / 8) bytes each); out has length d (uint8/16/32)."""
     n = g.shape[0]
-    nbytes = g.shape[1]
     d = out.shape[0]
-    nplanes = 1
-    while (1 << nplanes) <= n:
-        nplanes += 1
-    nblocks = (nbytes + VOTE_BLOCK - 1) // VOTE_BLOCK
-    for blk in numba.prange(nblocks):
-        b0 = blk * VOTE_BLOCK
-        b1 = min(b0 + VOTE_BLOCK, nbytes)
-        planes = np.empty((nplanes, VOTE_BLOCK), np.uint8)
-        _count_block(g, b0, b1, planes)
-        for i in range(b1 - b0):
-            base = 8 * (b0 + i)
-            for k in range(min(8, d - base)):
-                c = 0
-                for j in range(nplanes):
-                    c |= ((planes[j, i] >> k) & 1) << j
-                out[base + k] = c
+    nbytes = (d + 7) // 8
+    nplanes = _nplanes(n)
+    nwords = nbytes // 8
+    nblocks = (nwords + VOTE_WORDS - 1) // VOTE_WORDS
+    for blk in numba.prange(nblocks + 1):
+        planes = np.empty((nplanes, VOTE_WORDS), np.uint64)
+        carry = np.empty(VOTE_WORDS, np.uint64)
+        cbuf = np.empty(64 * VOTE_WORDS, out.dtype)
+        if blk < nblocks:
+            w0 = blk * VOTE_WORDS
+            w = min(VOTE_WORDS, nwords - w0)
+            _count_block(g, 8 * w0, w, planes, carry)
+            i0 = 64 * w0
+        elif nbytes % 8:
+            t = _tail_rows(g, nbytes)
+            _count_block(t, 0, 1, planes, carry)
+            w = 1
+            i0 = 64 * nwords
+        else:
+            continue
+        _planes_to_counts(planes, w, cbuf)
+        m = min(64 * w, d - i0)
+        os = out[i0:i0 + m]
+        for i in range(m):
+            os[i] = cbuf[i]
+
+
+# ---------------------------------------------------------------------------------------
+# decisions from counts (v1 from counts, and S_1 of v2)
+
+
+@jit
+def _s1_flags(cs, m, n32, key, pos0, flags):
+    """S_1 (eq. 11) for the counts cs[0:m] at positions pos0 + k: flags[k] = (u32 * n <
+    c << 32), u32 the top 32 bits of the random word, exact in integers: P(bit) = c / n.
+    n32 < 2**31, so the product is a 32 x 32 -> 64 bit multiply (it vectorises) and
+    equals the reference's int64 arithmetic."""
+    base = np.uint64(pos0) * GOLDEN + GOLDEN + key
+    for k in range(m):
+        z = np.uint64(k) * GOLDEN + base
+        z = (z ^ (z >> np.uint64(30))) * MIX1
+        z = (z ^ (z >> np.uint64(27))) * MIX2
+        z = z ^ (z >> np.uint64(31))
+        u32 = np.uint32(z >> np.uint64(32))
+        flags[k] = np.uint64(u32) * np.uint64(n32) < (np.uint64(cs[k]) << np.uint64(32))
+
+
+@jit
+def _s1_flags_big_n(cs, m, n, key, pos0, flags):
+    """_s1_flags for n >= 2**31, in the reference's signed 64-bit arithmetic."""
+    nn = np.int64(n)
+    for k in range(m):
+        u32 = np.int64(_word(key, pos0 + k) >> np.uint64(32))
+        flags[k] = u32 * nn < (np.int64(cs[k]) << 32)
+
+
+@jit
+def _v1_flags(cs, m, n, flags):
+    """flags[k] bit 0 = (2c > n), bit 1 = (2c == n), for the counts cs[0:m]."""
+    nn = np.int64(n)
+    for k in range(m):
+        c2 = 2 * np.int64(cs[k])
+        flags[k] = np.uint8(c2 > nn) | (np.uint8(c2 == nn) << np.uint8(1))
+
+
+@jit
+def _pack_flags(flags, m, out, shift):
+    """Pack bit `shift` of flags[0:m] (one coordinate per byte) into out[0:ceil(m/8)],
+    padding bits 0."""
+    fw = flags.view(np.uint64)
+    nfull = m >> 3
+    sh = np.uint64(shift)
+    for b in range(nfull):
+        out[b] = _pack8((fw[b] >> sh) & LANE_ONES)
+    if m & 7:
+        byte = 0
+        for k in range(m & 7):
+            byte |= np.int64((flags[8 * nfull + k] >> shift) & 1) << k
+        out[nfull] = byte
+
+
+DECIDE_CHUNK = 1 << 14  # coordinates per parallel task (multiple of 64)
 
 
 @pjit
@@ -199,30 +446,78 @@ def decide_from_counts(c, n, mode, key, offset, out, nonzero):
     zero (nonzero gets the mask), 2: v2, S_1 (eq. 11): bit 1 with probability c / n,
     decided exactly in integers as (u32 * n) < (c << 32), u32 the top 32 random bits."""
     d = c.shape[0]
-    nbytes = out.shape[0]
-    nn = np.int64(n)
-    for b in numba.prange(nbytes):
-        byte = 0
-        nz = 0xFF
-        for k in range(min(8, d - 8 * b)):
-            i = 8 * b + k
-            ci = np.int64(c[i])
-            if mode == 2:
-                u32 = np.int64(_word(key, offset + i) >> np.uint64(32))
-                bit = u32 * nn < (ci << 32)
-            elif 2 * ci > nn:
-                bit = True
-            elif 2 * ci < nn:
-                bit = False
-            elif mode == 0:
-                bit = (_word(key, offset + i) >> np.uint64(63)) == ONE
+    nchunks = (d + DECIDE_CHUNK - 1) // DECIDE_CHUNK
+    small_n = n < (1 << 31)
+    for ch in numba.prange(nchunks):
+        i0 = ch * DECIDE_CHUNK
+        m = min(DECIDE_CHUNK, d - i0)
+        nb = (m + 7) >> 3
+        cs = c[i0:i0 + m]
+        os = out[i0 >> 3:(i0 >> 3) + nb]
+        flags = np.zeros(DECIDE_CHUNK, np.uint8)
+        if mode == 2:
+            if small_n:
+                _s1_flags(cs, m, np.uint32(n), key, offset + i0, flags)
             else:
-                bit = False
-                nz &= ~(1 << k)
-            byte |= np.int64(bit) << k
-        out[b] = byte
-        if nonzero.shape[0] > 0:
-            nonzero[b] = nz
+                _s1_flags_big_n(cs, m, n, key, offset + i0, flags)
+            _pack_flags(flags, m, os, 0)
+        else:
+            _v1_flags(cs, m, n, flags)
+            if mode == 0:  # o = gt, or a coin of the shared stream where tied
+                gt = np.zeros(DECIDE_CHUNK >> 3, np.uint8)
+                tie = np.zeros(DECIDE_CHUNK >> 3, np.uint8)
+                _pack_flags(flags, m, gt, 0)
+                _pack_flags(flags, m, tie, 1)
+                gw = gt.view(np.uint64)
+                tw = tie.view(np.uint64)
+                for q in range((nb + 7) >> 3):
+                    if tw[q]:
+                        gw[q] = _coins(gw[q], tw[q], key, offset + i0 + 64 * q)
+                for b in range(nb):
+                    os[b] = gt[b]
+            else:
+                _pack_flags(flags, m, os, 0)
+                zs = nonzero[i0 >> 3:(i0 >> 3) + nb]
+                _pack_flags(flags, m, zs, 1)
+                for b in range(nb):
+                    zs[b] = ~zs[b]
+    return 0
+
+
+@pjit
+def vote_s1(g, nbytes, d, key, offset, out):
+    """v2 (eq. 11) fused: counts of g[:, :nbytes] per coordinate, then S_1 exactly as
+    decide_from_counts mode 2, without writing the d counts to memory.  Needs n < 256."""
+    n = g.shape[0]
+    nplanes = _nplanes(n)
+    nwords = nbytes // 8
+    nblocks = (nwords + VOTE_WORDS - 1) // VOTE_WORDS
+    for blk in numba.prange(nblocks + 1):
+        planes = np.empty((nplanes, VOTE_WORDS), np.uint64)
+        carry = np.empty(VOTE_WORDS, np.uint64)
+        cbuf = np.empty(64 * VOTE_WORDS, np.uint8)
+        flags = np.zeros(64 * VOTE_WORDS, np.uint8)
+        if blk < nblocks:
+            w0 = blk * VOTE_WORDS
+            w = min(VOTE_WORDS, nwords - w0)
+            _count_block(g, 8 * w0, w, planes, carry)
+            i0 = 64 * w0
+        elif nbytes % 8:
+            t = _tail_rows(g, nbytes)
+            _count_block(t, 0, 1, planes, carry)
+            w = 1
+            i0 = 64 * nwords
+        else:
+            continue
+        _planes_to_counts(planes, w, cbuf)
+        m = min(64 * w, d - i0)
+        _s1_flags(cbuf, m, np.uint32(n), key, offset + i0, flags)
+        _pack_flags(flags, m, out[i0 >> 3:], 0)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# count fields for the packed-count allreduce
 
 
 @pjit

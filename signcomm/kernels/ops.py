@@ -34,6 +34,22 @@ def _check_gathered(gathered, d):
     check_packed(gathered, d, "gathered")
 
 
+def _cpu_float(x):
+    """Contiguous input for the numba kernels; float16 (which numba cannot load) is
+    widened to float32 exactly, so signs, zeros, NaN/Inf and S_R's float64 are unchanged."""
+    if x.dtype == np.float16:
+        return x.astype(np.float32)
+    return np.ascontiguousarray(x)
+
+
+def _cpu_rows(gathered, nbytes):
+    """A C-contiguous 2-D uint8 array whose rows start with the nbytes to vote on (the
+    kernels read only those), without copying when the input already is one."""
+    if gathered.flags.c_contiguous:
+        return gathered
+    return np.ascontiguousarray(gathered[:, :nbytes])
+
+
 def _raise_nonfinite(nbad, name):
     if nbad:
         raise NonFiniteError(
@@ -54,7 +70,7 @@ def pack_signs(x, *, zero_key: Optional[int] = None, offset: int = 0,
         packed, nbad = reference.sign_pack(x, zero_key, offset)
     else:
         packed = np.empty(packed_nbytes(x.shape[0]), np.uint8)
-        nbad = _cpu.sign_pack(np.ascontiguousarray(x), packed, np.uint64(zero_key or 0),
+        nbad = _cpu.sign_pack(_cpu_float(x), packed, np.uint64(zero_key or 0),
                               zero_key is not None, offset)
     if check_finite:
         _raise_nonfinite(nbad, "x")
@@ -104,7 +120,7 @@ def stochastic_sign_pack(v, r, key: int, *, seg_sizes=None, offset: int = 0,
         seg_ends = np.append(seg_ends, np.iinfo(np.int64).max)  # sentinel
         rr = np.append(r_host[nonempty], 1.0)
         nbad, clamped = _cpu.stochastic_sign_pack(
-            np.ascontiguousarray(v), seg_ends, 0.5 / rr, rr, packed, np.uint64(key), offset)
+            _cpu_float(v), seg_ends, 0.5 / rr, rr, packed, np.uint64(key), offset)
     if check_finite:
         _raise_nonfinite(nbad, "v")
     return packed, int(clamped)
@@ -158,12 +174,15 @@ def majority_vote(gathered, d: int, *, variant: str = "v1", tie: str = "coin",
     n = gathered.shape[0]
     nbytes = packed_nbytes(d)
     g = gathered[:, :nbytes]
-    if is_cupy(g) or variant == "v2":
+    if is_cupy(g) or (variant == "v2" and n >= 256):
         return vote_from_counts(vote_counts(g, d), n, variant=variant, tie=tie, key=key,
                                 offset=offset)
     out = np.empty(nbytes, np.uint8)
+    if variant == "v2":  # fused counts + S_1, same bits as vote_from_counts(vote_counts())
+        _cpu.vote_s1(_cpu_rows(gathered, nbytes), nbytes, d, np.uint64(key), offset, out)
+        return Vote(out)
     nonzero = np.empty(nbytes if tie == "zero" else 0, np.uint8)
-    _cpu.majority_vote(np.ascontiguousarray(g), out, nonzero, tie == "coin",
+    _cpu.majority_vote(_cpu_rows(gathered, nbytes), nbytes, out, nonzero, tie == "coin",
                        np.uint64(key or 0), offset)
     clear_padding(out, d)
     if tie == "zero":
@@ -179,7 +198,7 @@ def vote_counts(gathered, d: int):
         return reference.counts(gathered, d)
     n = gathered.shape[0]
     out = np.empty(d, np.uint8 if n < 256 else (np.uint16 if n < 65536 else np.uint32))
-    _cpu.counts(np.ascontiguousarray(gathered[:, : packed_nbytes(d)]), out)
+    _cpu.counts(_cpu_rows(gathered, packed_nbytes(d)), out)
     return out
 
 
