@@ -19,7 +19,7 @@ from ..comm import get_transport
 from ..comm.base import Transport
 from ..vote import R_POLICIES, SCHEDULES, SignVote
 from .buckets import DEFAULT_BUCKET_ELEMENTS, plan_buckets
-from .common import check_beta, check_lr
+from .common import check_beta, check_group, check_lr
 from .lockstep import check_lockstep
 
 CONTRIBUTIONS = ("sr", "sign")
@@ -103,6 +103,11 @@ class MVSM(torch.optim.Optimizer):
             from .overlap import OverlapEngine
             self._overlap = OverlapEngine(self)
 
+    def add_param_group(self, param_group):
+        """torch's, plus the checks of lr, beta and weight decay for the group's own values."""
+        check_group(param_group, self.defaults)
+        super().add_param_group(param_group)
+
     # -- helpers ----------------------------------------------------------------------
     def _present(self, require_grad=True):
         """(group, param, name) of every parameter with a gradient (or, with
@@ -155,7 +160,7 @@ class MVSM(torch.optim.Optimizer):
         error = (f"non-finite gradient (NaN/Inf) in {', '.join(bad[:5])}"
                  f"{' and more' if len(bad) > 5 else ''} at step {step}; nothing was updated") if bad else None
         self.transport.agree(
-            (step, tuple((p.numel(), str(p.dtype)) for _, p, _ in present), self.schedule_name,
+            (step, tuple((tuple(p.shape), str(p.dtype)) for _, p, _ in present), self.schedule_name,
              self.variant, self.tie, self.contribution, str(self.R), self.seed),
             error=error, what=f"{what} of optimizer step {step} (parameter layout and gradients)")
 
@@ -247,10 +252,17 @@ class MVSM(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         meta = state_dict.pop("signcomm", None)
+        # torch casts floating state to each parameter's dtype on load, which would round
+        # an fp16/bf16 parameter's fp32 momentum: keep the saved fp32 tensors instead
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        momenta = {i: state_dict["state"][i]["momentum_buffer"] for i in saved_ids
+                   if "momentum_buffer" in state_dict["state"].get(i, {})}
         super().load_state_dict(state_dict)
-        for state in self.state.values():  # keep momentum in fp32 whatever was saved
-            if "momentum_buffer" in state:
-                state["momentum_buffer"] = state["momentum_buffer"].float()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            if i in momenta:
+                self.state[p]["momentum_buffer"] = momenta[i].to(device=p.device, dtype=torch.float32,
+                                                                 copy=True)
         if meta is not None:
             self._step = int(meta["step"])
             if int(meta["seed"]) != self.seed:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_beta, check_lr
+from .common import check_beta, check_group, check_lr
 
 
 class Signum(torch.optim.Optimizer):
@@ -19,6 +19,10 @@ class Signum(torch.optim.Optimizer):
         check_lr(lr)
         check_beta(beta)
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay))
+
+    def add_param_group(self, param_group):
+        check_group(param_group, self.defaults)
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure=None):
