@@ -33,7 +33,9 @@ def broadcast_state(model_or_params, optimizer=None, transport=None, root: int =
         for state in optimizer.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v)]
     with transport.ledger.kind("control"):
-        transport.agree(tuple((tuple(t.shape), str(t.dtype)) for t in tensors),
+        # a fixed-length signature (count, hash of the layout): ranks with a different
+        # number of tensors must get the mismatch error, not an MPI length error or a hang
+        transport.agree((len(tensors), tuple((tuple(t.shape), str(t.dtype)) for t in tensors)),
                         what="broadcast_state (parameter shapes and dtypes)")
         for t in tensors:
             got = transport.broadcast(_bytes(t), root)
