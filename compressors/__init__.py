@@ -1,0 +1,21 @@
+"""Drop-in Horovod compressors that allreduce one bit per coordinate as count fields:
+
+    import compressors
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                   compression=compressors.Compression.sign)
+
+``Compression.sign`` (signSGD-MV), ``Compression.sr`` (S_R, sign of the mean) and
+``Compression.s1`` (S_R, S_1 of the mean: MVSM-v2's vote); the classes
+``SignCompressor``, ``SRCompressor``, ``S1Compressor`` and ``MajorityVoteCompressor``
+take the options (R policy, seed, tie rule, process set, wire).  See docs/compressors.md.
+"""
+from .core import (MAX_MESSAGE_WORDS, Compression, MajorityVoteCompressor, S1Compressor,
+                   SignCompressor, SRCompressor, rank_key, shared_key)
+from .wire import (NonFiniteGradientError, WireError, bits_per_coordinate, fields_per_word,
+                   message_words)
+from signcomm.comm.base import RankMismatchError
+
+__all__ = ["Compression", "MajorityVoteCompressor", "SignCompressor", "SRCompressor",
+           "S1Compressor", "MAX_MESSAGE_WORDS", "rank_key", "shared_key",
+           "NonFiniteGradientError", "RankMismatchError", "WireError",
+           "bits_per_coordinate", "fields_per_word", "message_words"]
