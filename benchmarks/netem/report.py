@@ -58,7 +58,7 @@ def fmt_ms(s):
 def table(records):
     ok = [r for r in records if r.get("seconds") is not None]
     rates = sorted({r["gbit_per_s"] for r in ok})
-    cols = sorted({(r["n"], r["d"]) for r in ok})
+    cols = sorted({(r["n"], r["d"]) for r in ok if r["d"] > 0})
     idx = {(r["method"], r["n"], r["d"], r["gbit_per_s"]): r for r in ok}
     lines = []
     for g in rates:
@@ -98,6 +98,11 @@ def table(records):
             lines.append("\n8-byte message, half round trip rank 0 <-> 1 (20 round trips, median): "
                          + ", ".join(f"n={n}: {t * 1e6:.0f} us" for n, t in lat)
                          + " (grows with the ranks sharing the 2 cores)")
+        loads = [r["loadavg_before"][0] for r in ok
+                 if r["gbit_per_s"] == g and r.get("loadavg_before")]
+        if loads:
+            lines.append(f"\nLoad average (1 min) of the 2-core machine when these jobs started: "
+                         f"{min(loads):.1f} to {max(loads):.1f} (other people's jobs included).")
     skipped = sorted({(r["method"], r["skipped"]) for r in records if r.get("skipped")})
     if skipped:
         lines.append("\nNot measured (hooks in benchmarks/netem_bench.py): "
@@ -110,7 +115,7 @@ def plots(records, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in records if r.get("seconds") is not None]
+    ok = [r for r in records if r.get("seconds") is not None and r["d"] > 0]
     shown = [("fp32_allreduce", "C0"), ("hvd_fp32_allreduce", "C1"), ("hvd_fp16_allreduce", "C2"),
              ("vote_allgather_v1", "C3"), ("vote_sharded_v1", "C4"), ("vote_allreduce_v1", "C5"),
              ("signvote_sharded_v2", "C6")]
