@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run benchmarks/netem_bench.py in the emulated cluster for every n and bandwidth.
 
-    sudo .venv/bin/python benchmarks/netem/run_bench.py                 # full grid, ~15-20 min
+    sudo .venv/bin/python benchmarks/netem/run_bench.py     # full grid: 25-40 min on 2 shared cores
     sudo .venv/bin/python benchmarks/netem/run_bench.py --n 2 --gbit 1 --d 1e6   # quick look
 
 One cluster of max(n) namespaces is built once; for each rate its links are re-shaped and,
