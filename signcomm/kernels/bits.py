@@ -63,4 +63,6 @@ def unpack_bits(packed, d: int):
 def pack_bits(bits):
     """Bool (or 0/1) array -> packed bytes, padding cleared."""
     xp = array_module(bits)
-    return xp.packbits(xp.asarray(bits, dtype=bool), bitorder=BITORDER)
+    # astype: cupy.packbits returns an empty input unchanged (bool), NumPy gives uint8
+    return xp.packbits(xp.asarray(bits, dtype=bool), bitorder=BITORDER).astype(
+        xp.uint8, copy=False)

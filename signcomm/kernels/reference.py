@@ -3,8 +3,15 @@
 This is the portable path: the same code runs on NumPy and CuPy arrays (``xp``).  The
 numba kernels in ``_cpu.py`` must give the same bits; tests check it.  It is also the
 GPU path until fused CuPy kernels exist.
+
+CuPy differences handled here: ``cupy.unpackbits``/``packbits`` take no ``axis`` (so 2-D
+input is unpacked flat and reshaped), ``cupy.packbits`` of an empty array returns it
+unchanged rather than as uint8, and ``cupy.repeat`` takes its repeats as ints, not as an
+array.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from .bits import BITORDER, packed_nbytes
 from .rng import coin_bits, random_words, uniform
@@ -13,6 +20,11 @@ from .xp import array_module
 
 def _positions(xp, d, offset):
     return xp.arange(d, dtype=xp.uint64) + xp.uint64(offset)
+
+
+def _packbits(xp, bits):
+    """1-D bools -> packed uint8 (bits.py's convention), also for an empty input."""
+    return xp.packbits(bits, bitorder=BITORDER).astype(xp.uint8, copy=False)
 
 
 def sign_pack(x, zero_key=None, offset=0):
@@ -24,23 +36,24 @@ def sign_pack(x, zero_key=None, offset=0):
         if bool(zeros.any()):
             bits |= zeros & coin_bits(zero_key, _positions(xp, x.shape[0], offset))
     nbad = int((~xp.isfinite(x)).sum())
-    return xp.packbits(bits, bitorder=BITORDER), nbad
+    return _packbits(xp, bits), nbad
 
 
 def stochastic_sign_pack(v, seg_sizes, r, key, offset=0):
     """S_R of eq. (8); returns (packed, non-finite count, clamped count)."""
     xp = array_module(v)
     v64 = v.astype(xp.float64)
-    seg_sizes = xp.asarray(seg_sizes)
+    reps = [int(s) for s in np.asarray(
+        seg_sizes.get() if hasattr(seg_sizes, "get") else seg_sizes).ravel()]
     r = xp.asarray(r, dtype=xp.float64)
-    r_each = xp.repeat(r, seg_sizes)
-    half_over_r = xp.repeat(0.5 / r, seg_sizes)
+    r_each = xp.repeat(r, reps)
+    half_over_r = xp.repeat(0.5 / r, reps)
     p = 0.5 + v64 * half_over_r
     u = uniform(key, _positions(xp, v.shape[0], offset))
     bits = u < p
     nbad = int((~xp.isfinite(v64)).sum())
     clamped = int((xp.abs(v64) > r_each).sum())
-    return xp.packbits(bits, bitorder=BITORDER), nbad, clamped
+    return _packbits(xp, bits), nbad, clamped
 
 
 def counts(gathered, d):
@@ -49,7 +62,9 @@ def counts(gathered, d):
     xp = array_module(gathered)
     if d == 0:
         return xp.zeros(0, dtype=xp.int64)
-    bits = xp.unpackbits(gathered[:, : packed_nbytes(d)], axis=1, bitorder=BITORDER)[:, :d]
+    n, nbytes = gathered.shape[0], packed_nbytes(d)
+    rows = xp.ascontiguousarray(gathered[:, :nbytes]).reshape(-1)
+    bits = xp.unpackbits(rows, bitorder=BITORDER).reshape(n, 8 * nbytes)[:, :d]
     return bits.sum(axis=0, dtype=xp.int64)
 
 
@@ -68,8 +83,8 @@ def decide_from_counts(c, n, mode, key, offset=0):
         if mode == 0:
             bits |= tie & coin_bits(key, pos)
         else:
-            nonzero = xp.packbits(~tie, bitorder=BITORDER)
-    out = xp.packbits(bits, bitorder=BITORDER)
+            nonzero = _packbits(xp, ~tie)
+    out = _packbits(xp, bits)
     if nonzero is not None and c.shape[0] % 8:
         nonzero[-1] &= (1 << (c.shape[0] % 8)) - 1
     return out, nonzero
