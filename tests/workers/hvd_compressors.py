@@ -15,7 +15,7 @@ Part 2 calls ``hvd.allreduce(t, compression=c)`` on odd shapes and dtypes; part 
 bad input and records the error every rank raised.
 """
 import sys
-import zlib
+import time
 
 import numpy as np
 import torch
@@ -27,7 +27,6 @@ import compressors as C
 from harness import save_result
 
 PS_RANKS = [0, 2]
-import time
 T0 = time.time()
 ps = hvd.ProcessSet(PS_RANKS)
 hvd.init(process_sets=[ps])
