@@ -414,3 +414,27 @@ def test_single_node_with_closure(cls, beta):
         for k in x:
             np.testing.assert_allclose(model[k].detach().numpy(), x[k], rtol=0, atol=1e-6, err_msg=f"{cls} {k} step {step}")
     assert np.array_equal(model["unused"].detach().numpy(), params["unused"].numpy())
+
+
+# -- convergence sanity -------------------------------------------------------------------
+
+DIGITS_RUNS = ["signsgd-mv:0.005", "signsgd-mv:0.0025", "mvsm-v1:0.005:0.1", "mvsm-v2:0.005:0.1"]
+
+
+def test_mvsm_beats_signsgd_mv_on_digits():
+    """sklearn digits, 64-32-10 MLP, 4 ranks with their own random shard, 4 examples per
+    rank per step, 400 steps, settings from the paper's grid (lr 5e-3 / 2.5e-3, beta 0.1):
+    MVSM's local momentum + unbiased S_R vote ends at a lower full-training-set loss
+    (mean of the last 5 evaluations, every 10 steps) than signSGD-MV at either lr, whose
+    sign of a 4-example gradient stalls at a noise floor.  Seed 1; seeds 1-4 gave
+    v1 0.148-0.157, v2 0.185-0.195, signSGD-MV 0.219-0.239 (lr 5e-3) / 0.239-0.264."""
+    job = launch("optim_digits.py", 4, args=[400, 4, "iid", 1, *DIGITS_RUNS], timeout=JOB_TIMEOUT)
+    final = {k: float(job[0][k][-5:].mean()) for k in DIGITS_RUNS}
+    for r in range(1, 4):  # the same model on every rank
+        for k in DIGITS_RUNS:
+            assert np.array_equal(job[r][k], job[0][k])
+    start = float(job[0][DIGITS_RUNS[0]][0])
+    best_signsgd = min(final["signsgd-mv:0.005"], final["signsgd-mv:0.0025"])
+    assert best_signsgd < 0.5 * start, f"signSGD-MV did not train at all: {final}"
+    assert final["mvsm-v1:0.005:0.1"] < 0.85 * best_signsgd, final
+    assert final["mvsm-v2:0.005:0.1"] < best_signsgd, final
