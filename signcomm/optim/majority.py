@@ -26,6 +26,21 @@ CONTRIBUTIONS = ("sr", "sign")
 MOMENTUM_INITS = ("first", "zero")
 
 
+def _max_abs(tensors):
+    """max |x| of each tensor as one fp32 tensor (NaN if it has a NaN, inf if an inf); one
+    aminmax pass each, several times faster than ``_foreach_norm(.., inf)`` on CPU."""
+    out = []
+    for t in tensors:
+        if t.is_sparse:
+            raise TypeError("sparse gradients are not supported")
+        if t.numel() == 0:
+            out.append(torch.zeros((), dtype=torch.float32))
+            continue
+        lo, hi = torch.aminmax(t)
+        out.append(torch.maximum(hi, -lo).float())
+    return torch.stack(out) if out else torch.zeros(0)
+
+
 class MVSM(torch.optim.Optimizer):
     """Majority vote signSGD with momentum (the paper's Algorithm 2) and, through its
     options, the whole majority-vote family (see ``signcomm.create_optimizer``).
@@ -97,6 +112,7 @@ class MVSM(torch.optim.Optimizer):
                                  invert=byzantine)
         self._step = 0
         self._layouts = {}
+        self._buffers = {}  # reused flat float32 buffers (bucket contributions, vote values)
         self.stats = {}
         self._overlap = None
         if overlap:
@@ -139,8 +155,8 @@ class MVSM(torch.optim.Optimizer):
         v = self.state[p].get("momentum_buffer")
         if v is None:
             v = g.float().clone() if self.momentum_init == "first" else g.float() * beta
-        elif inplace:
-            v.mul_(1 - beta).add_(g.float(), alpha=beta)
+        elif inplace:  # (1 - beta) v + beta g in one pass, rounded as the overlap path's
+            v.lerp_(g.float(), beta)
         else:
             v = torch.lerp(v, g.float(), beta)  # (1 - beta) v + beta g, a new tensor
         if inplace:
@@ -155,7 +171,7 @@ class MVSM(torch.optim.Optimizer):
     def _agree(self, step, present, what):
         """One small allreduce: same layout and settings on every rank, finite grads."""
         grads = [p.grad for _, p, _ in present]
-        norms = torch._foreach_norm(grads, float("inf")) if grads else []
+        norms = _max_abs(grads)
         bad = [name for (_, _, name), nrm in zip(present, norms) if not torch.isfinite(nrm)]
         error = (f"non-finite gradient (NaN/Inf) in {', '.join(bad[:5])}"
                  f"{' and more' if len(bad) > 5 else ''} at step {step}; nothing was updated") if bad else None
@@ -168,18 +184,38 @@ class MVSM(torch.optim.Optimizer):
         """Pack one bucket's contributions (S_R with per-tensor ``r``, or sign when
         ``r`` is None) and vote; returns (Vote, clamped, compress_s, vote_s)."""
         t1 = time.perf_counter()
-        flat = torch.cat(vs).numpy() if len(vs) > 1 else vs[0].numpy()
+        if len(vs) > 1:  # into a buffer kept per bucket: a fresh one costs page faults
+            key = (bucket.offset, bucket.d)
+            buf = self._buffers.get(key)
+            if buf is None:
+                buf = self._buffers[key] = torch.empty(bucket.d, dtype=torch.float32)
+            flat = torch.cat(vs, out=buf).numpy()
+        else:
+            flat = vs[0].numpy()
         packed = self.signvote.contribute(flat, step, r=r, seg_sizes=bucket.sizes, offset=bucket.offset)
         t2 = time.perf_counter()
         vote = self.signvote.schedule.vote(packed, bucket.d, step, bucket.offset)
         return vote, self.signvote.last_clamped, t2 - t1, time.perf_counter() - t2
+
+    def _values(self, vote, d):
+        """The vote as float32 +1/-1 (0 on ties under tie="zero"), decoded into a reused
+        buffer (the same values as ``vote.values``, without three fresh d-sized arrays)."""
+        if vote.nonzero is not None:
+            return vote.values(d, np.float32)
+        buf = self._buffers.get("values")
+        if buf is None or buf.shape[0] < d:
+            buf = self._buffers["values"] = np.empty(d, np.float32)
+        o = buf[:d]
+        np.multiply(np.unpackbits(vote.bits, bitorder=K.BITORDER, count=d), np.float32(2), out=o,
+                    dtype=np.float32)
+        return np.subtract(o, np.float32(1), out=o)
 
     def _resolve_r(self, vs):
         """Per-tensor R of these momenta under the R policy (None for sign methods);
         "global" costs one MAX-allreduce for all of them."""
         if self.contribution != "sr":
             return None
-        local = torch.stack(torch._foreach_norm(vs, float("inf"))).double().numpy()
+        local = _max_abs(vs).double().numpy()
         return self.signvote.resolve_r(local)
 
     # -- the step ---------------------------------------------------------------------
@@ -219,7 +255,7 @@ class MVSM(torch.optim.Optimizer):
         t3 = time.perf_counter()
         first = 0
         for b, vote in zip(buckets, votes):
-            o = torch.from_numpy(vote.values(b.d, np.float32))
+            o = torch.from_numpy(self._values(vote, b.d))
             for p, seg in zip(b.params, torch.split(o, b.sizes.tolist())):
                 group = present[first][0]
                 first += 1
