@@ -244,7 +244,9 @@ class MVSM(torch.optim.Optimizer):
             vs = [self._momentum(group, p) for group, p, _ in present]
             r_all = self._resolve_r(vs)
             buckets = self._layout(present)
-            compress_s, vote_total, clamped, first, votes = time.perf_counter() - t0, 0.0, 0, 0, []
+            # the agreement and shared-R collectives so far count as comm_s, not compress_s
+            compress_s = time.perf_counter() - t0 - ledger.summary(step).seconds
+            vote_total, clamped, first, votes = 0.0, 0, 0, []
             for b in buckets:
                 k = len(b.params)
                 r = None if r_all is None else r_all[first:first + k]
