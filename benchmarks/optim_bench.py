@@ -1,0 +1,217 @@
+"""Optimizer step time on a ResNet-50-sized parameter set: `mpirun -np 4 python benchmarks/optim_bench.py`.
+
+Per rank and step, from ``opt.stats``: compress (momentum + R + S_R + packing), comm (time
+inside collectives, including waiting for slower ranks), vote (the vote kernels) and
+update (unpack + x <- x - lr o).  Next to them, in the same run and on the same
+parameters: a memory copy of all parameters (one flat fp32 copy, and one copy per
+tensor), the fp32 allreduce that plain data parallelism does instead (Horovod's
+allreduce of every gradient, as ``hvd.DistributedOptimizer`` issues it, when Horovod
+imports -- it runs in MPI mode under plain mpirun -- and a flat mpi4py Allreduce).
+Figures are the median over steps of the max over ranks (the slowest rank sets the
+pace).  Target of issue 4: compress + vote + update <= 3x the memory copy.
+
+The parameter set is ResNet-50's (torchvision layout, 161 tensors, 25,557,032
+coordinates: convolutions, batch-norm scales and shifts, the 2048 x 1000 classifier).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def resnet50_shapes():
+    """The parameter shapes of torchvision's resnet50(), in order (no torchvision needed)."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,),
+                       (planes, planes, 3, 3), (planes,), (planes,),
+                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            if b == 0:  # downsample: 1x1 conv + batch norm
+                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
+            inplanes = planes * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def local_size():
+    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMI_SIZE"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
+def median_of_max(transport, samples):
+    """Per step: the max over ranks; then the median over steps."""
+    a = transport.allreduce(np.asarray(samples, np.float64), "max")
+    return float(np.median(a))
+
+
+def breakdown(params, grads, opt, transport, reps):
+    """The step's pieces, timed one by one on every rank at once (median of the max over
+    ranks): what MVSM.step does, written out with the same kernels."""
+    import torch
+    from signcomm import kernels as K
+    from signcomm.optim.majority import _max_abs
+    from signcomm.vote import vote_keys
+    vs = [opt.state[p]["momentum_buffer"] for p in params]
+    sizes = np.array([p.numel() for p in params])
+    flat = torch.cat([v.reshape(-1) for v in vs])
+    out = torch.empty_like(flat)
+    r = np.full(len(vs), float(flat.abs().max()))
+    key = K.key64(0, K.stream_id(K.Purpose.STOCHASTIC_SIGN, transport.rank), 0)
+    packed = K.stochastic_sign_pack(flat.numpy(), r, key, seg_sizes=sizes)[0]
+    gathered = transport.allgather(packed)
+    vote = K.majority_vote(gathered, flat.numel(), key=vote_keys(0, 0)[0])
+    o = torch.from_numpy(opt._values(vote, flat.numel()))
+    pieces = {
+        "finite check of grads (max|g|)": lambda: _max_abs(grads),
+        "momentum (lerp_)": lambda: [v.lerp_(g, 0.5) for v, g in zip(vs, grads)],
+        "R: max|v| per tensor": lambda: _max_abs(vs),
+        "concatenate into buckets": lambda: torch.cat([v.reshape(-1) for v in vs], out=out),
+        "S_R + pack (numba)": lambda: K.stochastic_sign_pack(flat.numpy(), r, key, seg_sizes=sizes),
+        "vote kernel (n rows)": lambda: K.majority_vote(gathered, flat.numel(), key=vote_keys(0, 0)[0]),
+        "decode vote to +-1 floats": lambda: opt._values(vote, flat.numel()),
+        "x -= lr * o (per tensor)": lambda: [p.data.add_(seg.view_as(p), alpha=-1e-4) for p, seg in
+                                          zip(params, torch.split(o, sizes.tolist()))],
+    }
+    fig = {}
+    for name, f in pieces.items():
+        samples = []
+        for _ in range(reps):
+            transport.barrier()
+            t0 = time.perf_counter()
+            f()
+            samples.append(time.perf_counter() - t0)
+        fig[name] = median_of_max(transport, samples)
+    return fig
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="mvsm-v1", help="a signcomm.create_optimizer name (default mvsm-v1)")
+    ap.add_argument("--schedule", default="allgather", choices=["allgather", "sharded", "allreduce"])
+    ap.add_argument("--bucket", type=int, default=None, help="coordinates per fusion bucket (default: signcomm's)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="compute threads per rank (default: cores / ranks on this host)")
+    ap.add_argument("--no-horovod", action="store_true", help="skip Horovod's allreduce")
+    ap.add_argument("--scale", type=float, default=1.0, help="scale the parameter count (quick runs)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the pieces of a step one by one (where the time goes)")
+    ap.add_argument("--json", help="write the figures here (rank 0)")
+    args = ap.parse_args()
+
+    threads = args.threads or max(1, (os.cpu_count() or 1) // local_size())
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))  # before numba loads
+    import torch
+    torch.set_num_threads(threads)
+    hvd = None
+    if not args.no_horovod:
+        try:
+            import horovod.torch as hvd
+            hvd.init()
+        except Exception as exc:  # noqa: BLE001  (not built, or no MPI support)
+            print(f"Horovod not available ({exc}); fp32 baseline through mpi4py only", file=sys.stderr)
+            hvd = None
+    import signcomm
+    from signcomm.comm import get_transport
+
+    transport = get_transport("mpi")  # the optimizer's transport; Horovod only as baseline
+    rank, n = transport.rank, transport.size
+    shapes = resnet50_shapes()
+    if args.scale != 1.0:
+        shapes = [(max(1, int(s[0] * args.scale)),) + tuple(s[1:]) for s in shapes]
+    gen = torch.Generator().manual_seed(1000 + rank)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.05) for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    d = sum(p.numel() for p in params)
+    opts = {} if args.bucket is None else {"bucket_elements": args.bucket}
+    opt = signcomm.create_optimizer(args.method, params, lr=1e-4, schedule=args.schedule,
+                                    transport=transport, **opts)
+    for p, g in zip(params, grads):
+        p.grad = g
+
+    keys = ("compress_s", "comm_s", "vote_s", "update_s")
+    rows = {k: [] for k in keys + ("step_s", "memcpy_s", "memcpy_tensors_s", "mpi_fp32_s", "hvd_fp32_s")}
+    flat_src = torch.cat([p.detach().reshape(-1) for p in params])
+    flat_dst = torch.empty_like(flat_src)
+    copies = [torch.empty_like(p) for p in params]
+    flat_np = flat_src.numpy()
+    for i in range(args.warmup + args.steps):
+        transport.barrier()
+        t0 = time.perf_counter()
+        opt.step()
+        step_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        flat_dst.copy_(flat_src)
+        memcpy_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            torch._foreach_copy_(copies, [p.detach() for p in params])
+        memcpy_tensors_s = time.perf_counter() - t0
+        transport.barrier()
+        t0 = time.perf_counter()
+        transport.comm.Allreduce(flat_np, flat_dst.numpy())
+        mpi_s = time.perf_counter() - t0
+        hvd_s = float("nan")
+        if hvd is not None:
+            hvd.barrier()
+            t0 = time.perf_counter()
+            handles = [hvd.allreduce_async(g, name=f"g{j}", op=hvd.Average) for j, g in enumerate(grads)]
+            for h in handles:
+                hvd.synchronize(h)
+            hvd_s = time.perf_counter() - t0
+        if i < args.warmup:
+            continue
+        for k in keys:
+            rows[k].append(opt.stats[k])
+        rows["step_s"].append(step_s)
+        rows["memcpy_s"].append(memcpy_s)
+        rows["memcpy_tensors_s"].append(memcpy_tensors_s)
+        rows["mpi_fp32_s"].append(mpi_s)
+        rows["hvd_fp32_s"].append(hvd_s)
+    fig = {k: median_of_max(transport, v) for k, v in rows.items()}
+    parts = breakdown(params, grads, opt, transport, args.steps) if args.breakdown else None
+    stats = opt.stats
+    if rank == 0:
+        work = fig["compress_s"] + fig["vote_s"] + fig["update_s"]
+        ms = lambda s: f"{s * 1e3:9.1f} ms"  # noqa: E731
+        print(f"{args.method} ({args.schedule}), n={n}, {len(params)} tensors, d={d:,}, "
+              f"{threads} thread(s) per rank, {args.steps} steps (median of the max over ranks)")
+        print(f"  momentum + S_R + pack  {ms(fig['compress_s'])}")
+        print(f"  communication          {ms(fig['comm_s'])}   ({stats['bytes_sent']:,} B sent per rank per step)")
+        print(f"  vote                   {ms(fig['vote_s'])}")
+        print(f"  update                 {ms(fig['update_s'])}")
+        print(f"  whole step             {ms(fig['step_s'])}")
+        print(f"  memcpy of parameters   {ms(fig['memcpy_s'])}   (per tensor: {ms(fig['memcpy_tensors_s']).strip()})")
+        print(f"  fp32 allreduce, mpi4py {ms(fig['mpi_fp32_s'])}   ({4 * d * 2 * (n - 1) // n:,} B per rank, ring)")
+        if hvd is not None:
+            print(f"  fp32 allreduce, Horovod{ms(fig['hvd_fp32_s'])}")
+        print(f"  compress+vote+update / memcpy = {work / fig['memcpy_s']:.2f}x  (target <= 3x: "
+              f"{'met' if work <= 3 * fig['memcpy_s'] else 'MISSED'})")
+        base = fig["hvd_fp32_s"] if hvd is not None else fig["mpi_fp32_s"]
+        print(f"  whole step / fp32 allreduce ({'Horovod' if hvd is not None else 'mpi4py'}) = "
+              f"{fig['step_s'] / base:.2f}x;  communication / fp32 allreduce = {fig['comm_s'] / base:.3f}x")
+        if parts:
+            print("  where the time goes (each piece alone, same data, all ranks at once):")
+            for k, v in parts.items():
+                print(f"    {k:34s}{ms(v)}   {v / fig['memcpy_s']:6.2f}x memcpy")
+        if args.json:
+            rec = dict(breakdown=parts, method=args.method, schedule=args.schedule, n=n, d=d, tensors=len(params),
+                       threads=threads, steps=args.steps, bytes_sent=stats["bytes_sent"],
+                       bytes_received=stats["bytes_received"], horovod=hvd is not None,
+                       work_over_memcpy=work / fig["memcpy_s"],
+                       step_over_fp32_allreduce=fig["step_s"] / base, **fig)
+            with open(args.json, "w") as f:
+                json.dump(rec, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
