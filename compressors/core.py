@@ -27,8 +27,10 @@ step; ``hvd.allreduce(t, compression=c)`` is one step per call.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 import torch
 
@@ -38,6 +40,7 @@ from signcomm.comm.base import RankMismatchError
 from . import _fields, wire as W
 
 MAX_MESSAGE_WORDS = 2 ** 31 - 1   # Horovod's MPI path passes element counts as int
+SERIAL_BELOW = 1 << 16   # coordinates: smaller tensors run the kernels on one thread
 CONTRIBUTIONS = ("sign", "sr")
 VOTES = ("sign", "s1")
 
@@ -50,6 +53,21 @@ def rank_key(seed: int, purpose: K.Purpose, rank: int, step: int, d: int, k: int
 def shared_key(seed: int, purpose: K.Purpose, step_sum: int, d: int, counts) -> int:
     """Key of the vote's shared random bits for one tensor (positions 0..d-1)."""
     return K.key64(K.key64(seed, K.stream_id(purpose), step_sum), d, W.counts_hash(counts))
+
+
+@contextmanager
+def _threads_for(d):
+    """One numba thread for small tensors: waking the kernels' thread pool costs more
+    than the work (milliseconds when the cores are busy), and a model has many biases."""
+    if d >= SERIAL_BELOW or numba.get_num_threads() == 1:
+        yield
+        return
+    prev = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
 
 
 def _hvd():
@@ -239,7 +257,8 @@ class MajorityVoteCompressor:
         d = int(x.shape[0])
         k = self._k.get(d, 0)
         self._k[d] = k + 1
-        packed, nonfinite = self._bits(x, rank, step, d, k)
+        with _threads_for(d):
+            packed, nonfinite = self._bits(x, rank, step, d, k)
         nonce = rank_key(self.seed, K.Purpose.ZERO_COIN, rank, step, d, k + (1 << 40)) >> (
             64 - W.NONCE_BITS)
         parts = W.split(d, n, self.wire, self.max_message_words)
@@ -317,7 +336,8 @@ class MajorityVoteCompressor:
             key = shared_key(self.seed, K.Purpose.S1, first["step"], d, counts)
         elif self.tie == "coin" and n % 2 == 0:
             key = shared_key(self.seed, K.Purpose.TIE_COIN, first["step"], d, counts)
-        vote = K.vote_from_counts(counts, n, variant=variant, tie=self.tie, key=key)
+        with _threads_for(d):
+            vote = K.vote_from_counts(counts, n, variant=variant, tie=self.tie, key=key)
         out = np.empty(d, np.float32)
         nz = vote.nonzero
         _fields.vote_values(vote.bits, nz if nz is not None else np.zeros(0, np.uint8),

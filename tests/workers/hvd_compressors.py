@@ -255,6 +255,23 @@ def nan_step():
 
 
 attempt("nan", nan_step)
+
+
+def split_hook_order_step():
+    """Same-sized tensors split into several messages, compressed in another order on odd
+    ranks: the extra messages pair up wrongly, which the nonce check must catch."""
+    model = TwoBranch()
+    named = [(f"sho.{k}", v) for k, v in model.named_parameters()]
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=named,
+                                   compression=C.SignCompressor(max_message_words=40,
+                                                                name="sho"))
+    xb, yb = batch(rank, n, 0)
+    F.cross_entropy(model(xb), yb).backward()
+    opt.step()
+
+
+attempt("split_hook_order", split_hook_order_step)
 attempt("size_same_words", lambda: hvd.allreduce(
     torch.randn(10 + (rank == 1)), name="mm1", compression=C.SignCompressor()))
 attempt("size_other_words", lambda: hvd.allreduce(
