@@ -332,7 +332,8 @@ def test_vote_reads_only_the_first_bytes_of_wider_or_strided_rows():
 
 def test_tie_coin_is_fair_and_shared_stream():
     n, d = 2, 100_000
-    g = np.stack([np.full(K.packed_nbytes(d), 0xFF, np.uint8), np.zeros(K.packed_nbytes(d), np.uint8)])
+    nb = K.packed_nbytes(d)
+    g = np.stack([np.full(nb, 0xFF, np.uint8), np.zeros(nb, np.uint8)])
     key = rng.key64(5, rng.stream_id(rng.Purpose.TIE_COIN), 17)
     v = K.majority_vote(g, d, tie="coin", key=key)
     bits = bits_of(v.bits, d)[0]
@@ -619,8 +620,8 @@ class TestCupyMatchesCpu:
         x = floats_with_specials(np.random.default_rng(d), d, zero_frac=0.2)
         k = keys()
         zk, sk = k[rng.Purpose.ZERO_COIN], k[rng.Purpose.STOCHASTIC_SIGN]
-        np.testing.assert_array_equal(cp.asnumpy(K.pack_signs(cp.asarray(x), zero_key=zk, offset=5)),
-                                      K.pack_signs(x, zero_key=zk, offset=5))
+        got = K.pack_signs(cp.asarray(x), zero_key=zk, offset=5)
+        np.testing.assert_array_equal(cp.asnumpy(got), K.pack_signs(x, zero_key=zk, offset=5))
         xs = np.where(np.abs(x) > 1e30, 0, x).astype(np.float32)
         seg = [d // 2, d - d // 2]
         got, gc = K.stochastic_sign_pack(cp.asarray(xs), [0.5, 2.0], sk, seg_sizes=seg, offset=3)

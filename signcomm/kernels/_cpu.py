@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba.cpython.unsafe.numbers import trailing_zeros
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -43,6 +42,20 @@ VOTE_WORDS = 512       # uint64 words per row per vote block: n * 4 KiB read per
 
 jit = numba.njit(cache=True, nogil=True)
 pjit = numba.njit(cache=True, nogil=True, parallel=True)
+
+
+try:  # LLVM's cttz; an internal numba helper (present since numba 0.44)
+    from numba.cpython.unsafe.numbers import trailing_zeros
+except ImportError:  # pragma: no cover - portable fallback, same result
+    @jit
+    def trailing_zeros(x):
+        """Number of trailing zero bits of a nonzero uint64 (popcount below its lowest 1)."""
+        x = (x & (~x + ONE)) - ONE
+        x = x - ((x >> ONE) & np.uint64(0x5555555555555555))
+        m2 = np.uint64(0x3333333333333333)
+        x = (x & m2) + ((x >> np.uint64(2)) & m2)
+        x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+        return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
 
 
 @jit
