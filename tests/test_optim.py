@@ -7,6 +7,7 @@ random function with the code under test), bit for bit."""
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ for _name, _shape in O.SPECS:
 CONFIGS = [("mpirun", 1), ("mpirun", 3), ("mpirun", 4),
            pytest.param(("horovodrun", 3), marks=requires_horovod)]
 JOB_TIMEOUT = 600  # generous: a loaded CI machine; a hang still fails
+ONE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # tiny tensors: threads only cost
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,7 +53,8 @@ def job(request, tmp_path_factory):
     launcher, n = request.param
     transport = "horovod" if launcher == "horovodrun" else "mpi"
     ckpt = tmp_path_factory.mktemp("ckpt")
-    j = launch("optim_train.py", n, launcher=launcher, args=[transport, ckpt], timeout=JOB_TIMEOUT)
+    j = launch("optim_train.py", n, launcher=launcher, args=[transport, ckpt], timeout=JOB_TIMEOUT,
+               env=ONE_THREAD)
     j.launcher, j.n, j.transport = launcher, n, transport
     return j
 
@@ -76,7 +79,7 @@ def momentum_names(job, tag):
 
 def assert_momenta_close(job, tag, momenta):
     """Each rank's final momentum equals the oracle's (up to float rounding: the oracle
-    does not mimic torch's fused multiply-add)."""
+    rounds (1 - beta) v + beta g its own way, not as torch.lerp_ does)."""
     for r in range(job.n):
         for name in NAMES:
             key = f"{tag}-mom-{name}"
@@ -269,7 +272,7 @@ def test_dead_rank_ends_the_job_within_seconds(tmp_path, launcher, transport):
     stamp = tmp_path / "killed_at"
     t0 = time.time()
     job = launch("optim_dies.py", 3, launcher=launcher, args=[transport, "kill", stamp],
-                 timeout=JOB_TIMEOUT, expect_failure=True)
+                 timeout=JOB_TIMEOUT, expect_failure=True, env=ONE_THREAD)
     ended = time.time()
     assert stamp.exists(), f"rank 1 never reached the kill:\n{job.output}"
     killed = float(stamp.read_text())
@@ -284,8 +287,8 @@ def test_uncaught_error_aborts_without_mpi4py_runner(tmp_path):
     on rank 1 mid-training must still end every rank (signcomm's MPI_Abort hook)."""
     stamp = tmp_path / "raised_at"
     cmd = [_bin("mpirun"), "-np", "3", sys.executable, str(WORKERS / "optim_dies.py"), "mpi", "raise", str(stamp)]
-    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
-           "PATH": f"{_bin('mpirun').rsplit('/', 1)[0]}:/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", PYTHONUNBUFFERED="1", **ONE_THREAD)
+    env["PATH"] = f"{_bin('mpirun').rsplit('/', 1)[0]}:{env.get('PATH', '')}"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=env, cwd=ROOT)
     ended = time.time()
     out = proc.stdout + proc.stderr
@@ -403,7 +406,7 @@ def test_single_node_with_closure(cls, beta):
             loss.backward()
             return loss
         loss = opt.step(closure)
-        assert loss is not None and np.isfinite(float(loss))
+        assert loss is not None and np.isfinite(loss.item())
         grads = O.gradients({k: torch.from_numpy(v) for k, v in x.items()}, 0, step)
         for k, g in grads.items():
             if g is None:
@@ -418,23 +421,25 @@ def test_single_node_with_closure(cls, beta):
 
 # -- convergence sanity -------------------------------------------------------------------
 
-DIGITS_RUNS = ["signsgd-mv:0.005", "signsgd-mv:0.0025", "mvsm-v1:0.005:0.1", "mvsm-v2:0.005:0.1"]
+DIGITS_RUNS = ["signsgd-mv:0.005", "mvsm-v1:0.005:0.1", "mvsm-v2:0.005:0.1"]
 
 
 def test_mvsm_beats_signsgd_mv_on_digits():
     """sklearn digits, 64-32-10 MLP, 4 ranks with their own random shard, 4 examples per
     rank per step, 400 steps, settings from the paper's grid (lr 5e-3 / 2.5e-3, beta 0.1):
     MVSM's local momentum + unbiased S_R vote ends at a lower full-training-set loss
-    (mean of the last 5 evaluations, every 10 steps) than signSGD-MV at either lr, whose
-    sign of a 4-example gradient stalls at a noise floor.  Seed 1; seeds 1-4 gave
-    v1 0.148-0.157, v2 0.185-0.195, signSGD-MV 0.219-0.239 (lr 5e-3) / 0.239-0.264."""
-    job = launch("optim_digits.py", 4, args=[400, 4, "iid", 1, *DIGITS_RUNS], timeout=JOB_TIMEOUT)
+    (mean of the last 5 evaluations, every 10 steps) than signSGD-MV, whose sign of a
+    4-example gradient stalls at a noise floor.  Seed 1; seeds 1-4 gave v1 0.148-0.157,
+    v2 0.185-0.195, signSGD-MV 0.219-0.239 at lr 5e-3 (0.239-0.264 at its other grid lr
+    2.5e-3, so the lr is not what decides it)."""
+    job = launch("optim_digits.py", 4, args=[400, 4, "iid", 1, *DIGITS_RUNS], timeout=JOB_TIMEOUT,
+                 env=ONE_THREAD)
     final = {k: float(job[0][k][-5:].mean()) for k in DIGITS_RUNS}
     for r in range(1, 4):  # the same model on every rank
         for k in DIGITS_RUNS:
             assert np.array_equal(job[r][k], job[0][k])
     start = float(job[0][DIGITS_RUNS[0]][0])
-    best_signsgd = min(final["signsgd-mv:0.005"], final["signsgd-mv:0.0025"])
+    best_signsgd = final["signsgd-mv:0.005"]
     assert best_signsgd < 0.5 * start, f"signSGD-MV did not train at all: {final}"
     assert final["mvsm-v1:0.005:0.1"] < 0.85 * best_signsgd, final
     assert final["mvsm-v2:0.005:0.1"] < best_signsgd, final
