@@ -364,7 +364,8 @@ def test_horovod_transport_without_hvd_init_fails_clearly():
 
 def test_checkpoint_on_other_number_of_ranks_warns(tmp_path):
     """A checkpoint written by 4 ranks loaded on 1: the step counter and this file's
-    momentum are taken, with a warning that the run is no longer bit-identical."""
+    momentum are taken, with a warning that the run is no longer bit-identical; the same
+    for another rank's file at the same size; silent for the rank's own file."""
     import signcomm
     p = torch.nn.Parameter(torch.ones(4))
     opt = signcomm.create_optimizer("mvsm-v1", [p], lr=0.1, transport="mpi")
@@ -379,8 +380,11 @@ def test_checkpoint_on_other_number_of_ranks_warns(tmp_path):
         fresh.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     assert fresh.state_dict()["signcomm"]["step"] == 1
     assert torch.equal(fresh.state[q]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+    sd["signcomm"]["size"], sd["signcomm"]["rank"] = 1, 3  # same size, another rank's file
+    with pytest.warns(UserWarning, match="rank 0 loaded rank 3's checkpoint"):
+        signcomm.create_optimizer("mvsm-v1", [q], lr=0.1, transport="mpi").load_state_dict(sd)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # same size: silent
+        warnings.simplefilter("error")  # its own file: silent
         signcomm.create_optimizer("mvsm-v1", [q], lr=0.1, transport="mpi").load_state_dict(opt.state_dict())
 
 

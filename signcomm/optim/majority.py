@@ -312,3 +312,8 @@ class MVSM(torch.optim.Optimizer):
                     f"{self.transport.size}: momentum is per rank, so this rank continues "
                     f"from the momentum in the file it loaded (rank {meta['rank']}'s); the run "
                     "is a valid MVSM run but not bit-identical to one that never stopped")
+            elif int(meta["rank"]) != self.transport.rank:
+                warnings.warn(
+                    f"rank {self.transport.rank} loaded rank {meta['rank']}'s checkpoint: momentum "
+                    "is per rank, so the run goes on validly but not bit-identical to one that "
+                    "never stopped (load the file this rank wrote)")
