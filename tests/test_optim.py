@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import optim_oracle as O
-from conftest import have_horovod, requires_horovod
-from harness import ROOT, WORKERS, JobFailed, _bin, launch
+from conftest import requires_horovod
+from harness import ROOT, WORKERS, _bin, launch
 
 # the worker's settings, restated (a change there must be made here too)
 STEPS, RESUME_AT, BUCKET, SEED, LR = 20, 7, 30, 5, 0.05
