@@ -24,3 +24,7 @@ def test_overlap_equals_sync(launcher, transport, n):
                 assert "Error" in err, err
                 if r == 0:
                     assert "non-finite gradient" in err and "param_groups[0]['params'][2]" in err, err
+    for r in range(n):
+        hooks = list(job[r]["hook-counts"])
+        assert hooks == [4, 0, 4, 0], f"rank {r}: hooks on the model while alive / after drop: {hooks}"
+        np.testing.assert_array_equal(job[r]["after-drop-params"], job[0]["after-drop-params"])

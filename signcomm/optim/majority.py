@@ -119,6 +119,14 @@ class MVSM(torch.optim.Optimizer):
             from .overlap import OverlapEngine
             self._overlap = OverlapEngine(self)
 
+    def close(self):
+        """Remove the overlap hooks and stop the overlap thread (nothing to do without
+        ``overlap=True``).  Dropping the optimizer does the same; after ``close()`` steps
+        run synchronously."""
+        if self._overlap is not None:
+            self._overlap.close()
+            self._overlap = None
+
     def add_param_group(self, param_group):
         """torch's, plus the checks of lr, beta and weight decay for the group's own values."""
         check_group(param_group, self.defaults)

@@ -10,10 +10,18 @@ every bucket succeeded, so an error (NaN, mismatch) still leaves nothing updated
 The layout is the one the synchronous path uses when every parameter has a gradient,
 with the same random-stream positions, so overlap changes timing, never results.
 Assumes one backward per step and that every rank produces gradients for the same
-parameters (otherwise the step falls back to the synchronous path)."""
+parameters (otherwise the step falls back to the synchronous path).
+
+Overlap votes on each gradient as backward accumulates it: changes made to ``.grad``
+between ``backward()`` and ``step()`` (clipping, rescaling) are not seen, as with
+Horovod's overlapped allreduce.  Use the synchronous path (the default) for those.
+
+The hooks hold the engine, and the engine the optimizer, only weakly: dropping the
+optimizer (or calling its ``close()``) removes the hooks, so a model can outlive it."""
 from __future__ import annotations
 
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from .buckets import plan_buckets
@@ -21,7 +29,7 @@ from .buckets import plan_buckets
 
 class OverlapEngine:
     def __init__(self, opt):
-        self.opt = opt
+        self._opt = weakref.ref(opt)
         self.entries = opt._present(require_grad=False)
         self.buckets = plan_buckets([p for _, p, _ in self.entries], opt.bucket_elements)
         self.bucket_of, self.slices, first = {}, [], 0
@@ -35,7 +43,22 @@ class OverlapEngine:
         self.futures = {}
         self.ready = [0] * len(self.buckets)
         self.next = len(self.buckets) - 1
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for _, p, _ in self.entries]
+        engine = weakref.ref(self)
+
+        def hook(p):
+            live = engine()
+            if live is not None:
+                live._hook(p)
+
+        self.handles = [p.register_post_accumulate_grad_hook(hook) for _, p, _ in self.entries]
+        self._finalizer = weakref.finalize(self, _release, self.handles, self.executor)
+
+    @property
+    def opt(self):
+        opt = self._opt()
+        if opt is None:
+            raise RuntimeError("the optimizer of this overlap engine no longer exists")
+        return opt
 
     @property
     def present(self):
@@ -107,6 +130,14 @@ class OverlapEngine:
         return votes, clamped, compress_s, vote_s
 
     def close(self):
-        for h in self.handles:
-            h.remove()
-        self.executor.shutdown(wait=True)
+        """Wait for started jobs, remove the hooks, stop the worker thread."""
+        with self.lock:
+            self._drain()
+            self.futures = {}
+        self._finalizer()
+
+
+def _release(handles, executor):
+    for h in handles:
+        h.remove()
+    executor.shutdown(wait=False)

@@ -29,10 +29,16 @@ def run(variant, overlap, steps=6):
     # a NaN during an overlapped step: error on every rank, nothing updated
     before = torch.cat([p.detach().reshape(-1).clone() for p in m.parameters()])
     opt.zero_grad()
+    if rank == 0:  # the NaN appears during backward, where the overlap reads gradients
+        def poison(grad):
+            grad = grad.clone()
+            grad[0, 0] = float("nan")
+            return grad
+        hook = m[2].weight.register_hook(poison)
     loss = m(torch.randn(4, 30)).sum()
     loss.backward()
     if rank == 0:
-        m[2].weight.grad[0, 0] = float("nan")
+        hook.remove()
     try:
         opt.step()
         err = "no error"
@@ -42,7 +48,33 @@ def run(variant, overlap, steps=6):
     return before.numpy(), torch.equal(before, after), err, len(opt._layout(opt._present())) if not overlap else len(opt._overlap.buckets)
 
 
+def hooks_after_drop():
+    """Dropping an overlapped optimizer removes its hooks: the model trains on with a
+    new optimizer, and no stale hook starts collectives of its own."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(30, 64), torch.nn.ReLU(), torch.nn.Linear(64, 5))
+    x, y = torch.randn(8, 30), torch.randint(0, 5, (8,))
+    counts = []
+    for close in (False, True):
+        opt = signcomm.MVSM(m.parameters(), lr=0.01, transport=transport, bucket_elements=500,
+                            overlap=True)
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+        counts.append(sum(len(p._post_accumulate_grad_hooks or {}) for p in m.parameters()))
+        if close:
+            opt.close()
+        del opt  # no gc.collect(): reference counting alone must release the hooks
+        counts.append(sum(len(p._post_accumulate_grad_hooks or {}) for p in m.parameters()))
+    opt = signcomm.MVSM(m.parameters(), lr=0.01, transport=transport)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    return counts, torch.cat([p.detach().reshape(-1) for p in m.parameters()]).numpy()
+
+
 out = {}
+out["hook-counts"], out["after-drop-params"] = hooks_after_drop()
 for variant in ("v1", "v2"):
     for overlap in (False, True):
         p, unchanged, err, nb = run(variant, overlap)
