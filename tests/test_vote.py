@@ -90,6 +90,8 @@ def test_mismatched_ranks_fail_everywhere(launcher, transport):
             msg = str(job[r][f"nan-{sched}"])
             assert msg.startswith("RemoteRankError"), (r, sched, msg)
             assert ("non-finite" in msg) if r == 1 else ("rank 1 failed" in msg), (r, msg)
+        msg = str(job[r]["length"])
+        assert msg.startswith("RankMismatchError") and "a length check" in msg, (r, msg)
         assert job[r]["after"].shape == (2,)
 
 

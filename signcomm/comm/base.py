@@ -1,7 +1,7 @@
 """The transport interface: the few collectives the vote schedules need."""
 from __future__ import annotations
 
-import zlib
+import hashlib
 
 import numpy as np
 
@@ -128,12 +128,15 @@ class Transport:
 
 
 def _signature_words(signature) -> np.ndarray:
-    """A signature as int64 words (large ints and strings hashed with crc32)."""
-    words = []
+    """A signature as a fixed number of int64 words: its length and a 128-bit BLAKE2b
+    digest of its items in four 32-bit words.  Fixed length, so ranks whose signatures
+    differ in length still make the same allreduce (and get RankMismatchError)."""
+    digest = hashlib.blake2b(digest_size=16)
     for item in signature:
-        if isinstance(item, (bool, int, np.integer)) and -(2 ** 62) < int(item) < 2 ** 62:
-            words.append(int(item))
+        if isinstance(item, np.ndarray):
+            data = repr((item.dtype.str, item.shape)).encode() + np.ascontiguousarray(item).tobytes()
         else:
-            data = np.ascontiguousarray(item).tobytes() if isinstance(item, np.ndarray) else repr(item).encode()
-            words.append(zlib.crc32(data))
-    return np.array(words, dtype=np.int64)
+            data = repr(item).encode()
+        digest.update(len(data).to_bytes(8, "little") + data)
+    words = np.frombuffer(digest.digest(), dtype=np.uint32).astype(np.int64)
+    return np.concatenate([np.array([len(signature)], np.int64), words])

@@ -31,6 +31,12 @@ for name, make in cases.items():
             messages[f"{name}-{sched}"] = "no error"
         except (RankMismatchError, RemoteRankError) as exc:
             messages[f"{name}-{sched}"] = f"{type(exc).__name__}: {exc}"
+# signatures of different lengths (e.g. a rank with one more tensor) still agree to disagree
+try:
+    t.agree(tuple(range(3 + (r == 1))), what="a length check")
+    messages["length"] = "no error"
+except RankMismatchError as exc:
+    messages["length"] = f"{type(exc).__name__}: {exc}"
 # the transport still works after all those errors
 ok = SignVote(t)(np.ones(10, np.float32), 1).bits
 save_result(after=ok, **messages)
