@@ -20,7 +20,7 @@ the training-wrapper contract directly:
 - positions: the coordinates of the parameters that have a gradient, in param-group
   order, numbered 0, 1, ... across the whole step (so fusion buckets do not matter);
 - the vote from the count c of +1 bits: v1 sign(2c - n) with a tie coin of the shared
-  TIE_COIN stream, v2 S_1: +1 iff u32 * n < c * 2**32 with u32 the top 32 bits of the
+  TIE_COIN stream (position p: bit p % 64 of the word at p // 64), v2 S_1: +1 iff u32 * n < c * 2**32 with u32 the top 32 bits of the
   shared S1 stream's word;
 - update, per parameter group: ``x <- x * (1 - lr * wd)`` then ``x <- x - lr * o``, each
   computed in fp32 and rounded to the parameter's dtype (what torch's fp16/bf16 arithmetic
@@ -176,7 +176,7 @@ def simulate(method, n, steps, *, lr=0.05, beta=None, weight_decay=0.0, seed=0,
             else:
                 o = np.sign(2 * c - n)
                 if tie == "coin":
-                    coin = rng.coin_bits(_shared_key(rng.Purpose.TIE_COIN, seed, step), pos)
+                    coin = rng.tie_coin_bits(_shared_key(rng.Purpose.TIE_COIN, seed, step), pos)
                     o = np.where(o == 0, np.where(coin, 1, -1), o)
             o = o.astype(np.float32)
             first = 0

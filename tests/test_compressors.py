@@ -77,7 +77,7 @@ def oracle_vote(bits, vote="sign", tie="coin", *, seed, step):
         return np.where(u32 * n < (c << 32), 1, -1)
     o = np.sign(2 * c - n)                 # eq. 10
     if tie == "coin" and n % 2 == 0:
-        coin = K.coin_bits(_shared_key(seed, K.Purpose.TIE_COIN, n * step, d, c, n), pos)
+        coin = K.tie_coin_bits(_shared_key(seed, K.Purpose.TIE_COIN, n * step, d, c, n), pos)
         o = np.where(o == 0, np.where(coin, 1, -1), o)
     return o
 

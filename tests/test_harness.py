@@ -11,7 +11,7 @@ def oracle_vote(xs, key):
     """Plain vote: count positive signs, compare with n/2, coin on ties."""
     n, d = len(xs), xs[0].size
     c = sum((x > 0).astype(int) for x in xs)
-    coins = K.coin_bits(key, np.arange(d, dtype=np.uint64))
+    coins = K.tie_coin_bits(key, np.arange(d, dtype=np.uint64))
     return K.pack_bits(np.where(2 * c == n, coins, 2 * c > n))
 
 

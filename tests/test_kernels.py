@@ -47,7 +47,13 @@ def naive_word(key, pos):
 
 
 def naive_coin(key, pos):
+    """The zero coin of sign(): the top bit of the word at pos."""
     return naive_word(key, pos) >> 63
+
+
+def naive_tie_coin(key, pos):
+    """The tie coin of the vote: bit pos % 64 of the word at pos // 64."""
+    return (naive_word(key, pos // 64) >> (pos % 64)) & 1
 
 
 def naive_pack(bits):
@@ -279,7 +285,7 @@ def naive_v1(gathered, n, d, tie, key, offset):
         elif 2 * c[i] < n:
             bits.append(False), nonzero.append(True)
         elif tie == "coin":
-            bits.append(naive_coin(key, offset + i) == 1), nonzero.append(True)
+            bits.append(naive_tie_coin(key, offset + i) == 1), nonzero.append(True)
         else:
             bits.append(False), nonzero.append(False)
     return np.array(bits, bool), np.array(nonzero, bool)
@@ -338,9 +344,31 @@ def test_tie_coin_is_fair_and_shared_stream():
     v = K.majority_vote(g, d, tie="coin", key=key)
     bits = bits_of(v.bits, d)[0]
     assert abs(bits.mean() - 0.5) <= 5 * math.sqrt(0.25 / d)
-    np.testing.assert_array_equal(bits, rng.coin_bits(key, np.arange(d, dtype=np.uint64)))
+    # neighbours (mostly bits of one random word) agree half of the time
+    assert abs((bits[1:] == bits[:-1]).mean() - 0.5) <= 5 * math.sqrt(0.25 / d)
+    np.testing.assert_array_equal(bits, rng.tie_coin_bits(key, np.arange(d, dtype=np.uint64)))
     z = K.majority_vote(g, d, tie="zero")
     assert not z.values(d).any()
+
+
+def test_tie_coins_of_pieces_at_their_offsets_equal_the_whole_vote():
+    """A schedule votes shards and buckets at offset = their global start, which need not
+    be a multiple of 64 (the coins share one word per 64 positions): the pieces' coins
+    must be the whole vector's.  n = 2 with opposite rows ties everywhere."""
+    n, d, offset = 2, 5000, 77
+    nb = K.packed_nbytes(d)
+    g = np.stack([np.full(nb, 0xFF, np.uint8), np.zeros(nb, np.uint8)])
+    key = rng.key64(5, rng.stream_id(rng.Purpose.TIE_COIN), 3)
+    whole = bits_of(K.majority_vote(g, d, key=key, offset=offset).bits, d)[0]
+    cuts = [0, 8, 72, 136, 1000, 4096, d]  # pieces of the packed rows: multiples of 8
+    pieces = [bits_of(K.majority_vote(np.ascontiguousarray(g[:, a // 8:]), b - a, key=key,
+                                      offset=offset + a).bits, b - a)[0]
+              for a, b in zip(cuts[:-1], cuts[1:])]
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)
+    cuts = [0, 3, 65, 130, 4999, d]  # counts can be cut anywhere
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        v = K.vote_from_counts(np.ones(b - a, np.int64), n, key=key, offset=offset + a)
+        np.testing.assert_array_equal(bits_of(v.bits, b - a)[0], whole[a:b])
 
 
 def naive_s1_bit(c, n, key, pos):
@@ -398,6 +426,8 @@ def test_random_words_are_splitmix64_of_the_position(pos, key):
     assert rng.splitmix64(key) == naive_splitmix64(key)
     u = rng.uniform(key, np.array(pos, np.uint64))
     assert ((u >= 0) & (u < 1)).all()
+    tie = rng.tie_coin_bits(key, np.array(pos, np.uint64))
+    assert [int(b) for b in tie] == [naive_tie_coin(key, p) for p in pos]
 
 
 def test_same_key_same_bits_and_streams_differ():

@@ -48,6 +48,6 @@ def oracle_vote(inputs, seed, step, offset, kind, variant, tie):
         return np.where(u32 * n < (c << 32), 1, -1), c
     o = np.sign(2 * c - n)
     if tie == "coin":
-        coin = rng.coin_bits(rng.key64(seed, rng.stream_id(rng.Purpose.TIE_COIN), step), pos)
+        coin = rng.tie_coin_bits(rng.key64(seed, rng.stream_id(rng.Purpose.TIE_COIN), step), pos)
         o = np.where(o == 0, np.where(coin, 1, -1), o)
     return o, c

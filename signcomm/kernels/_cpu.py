@@ -44,20 +44,6 @@ jit = numba.njit(cache=True, nogil=True)
 pjit = numba.njit(cache=True, nogil=True, parallel=True)
 
 
-try:  # LLVM's cttz; an internal numba helper (present since numba 0.44)
-    from numba.cpython.unsafe.numbers import trailing_zeros
-except ImportError:  # pragma: no cover - portable fallback, same result
-    @jit
-    def trailing_zeros(x):
-        """Number of trailing zero bits of a nonzero uint64 (popcount below its lowest 1)."""
-        x = (x & (~x + ONE)) - ONE
-        x = x - ((x >> ONE) & np.uint64(0x5555555555555555))
-        m2 = np.uint64(0x3333333333333333)
-        x = (x & m2) + ((x >> np.uint64(2)) & m2)
-        x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-        return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
-
-
 @jit
 def _word(key, pos):
     z = (np.uint64(pos) + ONE) * GOLDEN + key
@@ -241,23 +227,34 @@ def _compare_half(planes, w, half, gt, eq):
                 eq[i] &= ~pj[i]
 
 
-GOLDEN_TIMES = np.arange(64, dtype=np.uint64) * GOLDEN  # m * GOLDEN, m < 64 (mod 2**64)
-
-
 @jit
-def _coins(res, tie, key, pos0):
-    """res with bit m set to the top bit of the word at position pos0 + m (as _word:
-    the top bit of SplitMix64's last xor-shift is that of the product before it), for
-    every bit m set in tie.  Sparse: one SplitMix64 per tied coordinate."""
-    base = np.uint64(pos0) * GOLDEN + GOLDEN + key
-    while tie:
-        m = trailing_zeros(tie)
-        z = base + GOLDEN_TIMES[m]
-        z = (z ^ (z >> np.uint64(30))) * MIX1
-        z = (z ^ (z >> np.uint64(27))) * MIX2
-        res |= (z >> np.uint64(63)) << m
-        tie &= tie - ONE
-    return res
+def _tie_coins(gt, eq, w, key, pos0, res):
+    """res[i] = gt[i] with each bit m set in eq[i] (a tie) replaced by the tie coin of
+    position p = pos0 + 64 i + m: bit p % 64 of the word at position p // 64 (rng.py's
+    tie_coin_bits).  gt and eq are disjoint; res may be gt.
+
+    One SplitMix64 serves 64 coordinates: word i needs the words q + i and, unless pos0
+    is a multiple of 64 (a shard or bucket need not be), q + i + 1 (q = pos0 // 64,
+    s = pos0 % 64: coin word = (W[q+i] >> s) | (W[q+i+1] << (64 - s))); the second is
+    kept for the next word.  A word without a tie draws nothing."""
+    q = pos0 >> 6
+    s = np.uint64(pos0 & 63)
+    ls = np.uint64(64) - s
+    nxt = np.uint64(0)
+    have_nxt = False  # nxt holds the word at position q + i
+    for i in range(w):
+        t = eq[i]
+        r = gt[i]
+        if t:
+            lo = nxt if have_nxt else _word(key, q + i)
+            if s:
+                nxt = _word(key, q + i + 1)
+                have_nxt = True
+                lo = (lo >> s) | (nxt << ls)
+            r |= t & lo
+        else:
+            have_nxt = False
+        res[i] = r
 
 
 @jit
@@ -267,14 +264,18 @@ def _v1_block(g, b0, w, n, tie_coin, tie_key, pos0, planes, carry, gt, eq, res, 
     _count_block(g, b0, w, planes, carry)
     half = n // 2
     _compare_half(planes, w, half, gt, eq)
-    even = n % 2 == 0
-    for i in range(w):
-        r = gt[i]
-        tie = eq[i] if even else np.uint64(0)
-        if tie_coin and tie:
-            r = _coins(r, tie, tie_key, pos0 + 64 * i)
-        res[i] = r
-        nz[i] = ~tie
+    if n % 2:  # odd n never ties
+        for i in range(w):
+            res[i] = gt[i]
+            nz[i] = ~np.uint64(0)
+    else:
+        if tie_coin:
+            _tie_coins(gt, eq, w, tie_key, pos0, res)
+        else:
+            for i in range(w):
+                res[i] = gt[i]
+        for i in range(w):
+            nz[i] = ~eq[i]
 
 
 @jit
@@ -363,33 +364,45 @@ def _planes_to_counts(planes, w, cbuf):
                 cbuf[64 * i + m] = c
 
 
+@jit
+def _vote_tasks(nbytes):
+    """Parallel tasks of a count over nbytes per row: one per VOTE_WORDS words, and a
+    last one for the bytes after the last whole word."""
+    return (nbytes // 8 + VOTE_WORDS - 1) // VOTE_WORDS + 1
+
+
+@jit
+def _task_counts(g, nbytes, blk, planes, carry, cbuf):
+    """Task blk (of _vote_tasks(nbytes)) of a count over g[:, :nbytes]: cbuf[k] = the
+    count of coordinate i0 + k for k < 64 w.  Returns (i0, w); w = 0: nothing to count
+    (the last task when nbytes is a multiple of 8)."""
+    nwords = nbytes // 8
+    if blk < _vote_tasks(nbytes) - 1:
+        w0 = blk * VOTE_WORDS
+        w = min(VOTE_WORDS, nwords - w0)
+        _count_block(g, 8 * w0, w, planes, carry)
+    elif nbytes % 8:
+        w0 = nwords
+        w = 1
+        _count_block(_tail_rows(g, nbytes), 0, 1, planes, carry)
+    else:
+        return 64 * nwords, 0
+    _planes_to_counts(planes, w, cbuf)
+    return 64 * w0, w
+
+
 @pjit
 def counts(g, out):
     """Per-coordinate number of rows with bit 1, for gathered packed rows g (n rows,
     at least ceil(d / 8) bytes each); out has length d (uint8/16/32)."""
-    n = g.shape[0]
     d = out.shape[0]
     nbytes = (d + 7) // 8
-    nplanes = _nplanes(n)
-    nwords = nbytes // 8
-    nblocks = (nwords + VOTE_WORDS - 1) // VOTE_WORDS
-    for blk in numba.prange(nblocks + 1):
+    nplanes = _nplanes(g.shape[0])
+    for blk in numba.prange(_vote_tasks(nbytes)):
         planes = np.empty((nplanes, VOTE_WORDS), np.uint64)
         carry = np.empty(VOTE_WORDS, np.uint64)
         cbuf = np.empty(64 * VOTE_WORDS, out.dtype)
-        if blk < nblocks:
-            w0 = blk * VOTE_WORDS
-            w = min(VOTE_WORDS, nwords - w0)
-            _count_block(g, 8 * w0, w, planes, carry)
-            i0 = 64 * w0
-        elif nbytes % 8:
-            t = _tail_rows(g, nbytes)
-            _count_block(t, 0, 1, planes, carry)
-            w = 1
-            i0 = 64 * nwords
-        else:
-            continue
-        _planes_to_counts(planes, w, cbuf)
+        i0, w = _task_counts(g, nbytes, blk, planes, carry, cbuf)
         m = min(64 * w, d - i0)
         os = out[i0:i0 + m]
         for i in range(m):
@@ -482,10 +495,7 @@ def decide_from_counts(c, n, mode, key, offset, out, nonzero):
                 _pack_flags(flags, m, gt, 0)
                 _pack_flags(flags, m, tie, 1)
                 gw = gt.view(np.uint64)
-                tw = tie.view(np.uint64)
-                for q in range((nb + 7) >> 3):
-                    if tw[q]:
-                        gw[q] = _coins(gw[q], tw[q], key, offset + i0 + 64 * q)
+                _tie_coins(gw, tie.view(np.uint64), (nb + 7) >> 3, key, offset + i0, gw)
                 for b in range(nb):
                     os[b] = gt[b]
             else:
@@ -503,26 +513,14 @@ def vote_s1(g, nbytes, d, key, offset, out):
     decide_from_counts mode 2, without writing the d counts to memory.  Needs n < 256."""
     n = g.shape[0]
     nplanes = _nplanes(n)
-    nwords = nbytes // 8
-    nblocks = (nwords + VOTE_WORDS - 1) // VOTE_WORDS
-    for blk in numba.prange(nblocks + 1):
+    for blk in numba.prange(_vote_tasks(nbytes)):
         planes = np.empty((nplanes, VOTE_WORDS), np.uint64)
         carry = np.empty(VOTE_WORDS, np.uint64)
         cbuf = np.empty(64 * VOTE_WORDS, np.uint8)
         flags = np.zeros(64 * VOTE_WORDS, np.uint8)
-        if blk < nblocks:
-            w0 = blk * VOTE_WORDS
-            w = min(VOTE_WORDS, nwords - w0)
-            _count_block(g, 8 * w0, w, planes, carry)
-            i0 = 64 * w0
-        elif nbytes % 8:
-            t = _tail_rows(g, nbytes)
-            _count_block(t, 0, 1, planes, carry)
-            w = 1
-            i0 = 64 * nwords
-        else:
+        i0, w = _task_counts(g, nbytes, blk, planes, carry, cbuf)
+        if w == 0:
             continue
-        _planes_to_counts(planes, w, cbuf)
         m = min(64 * w, d - i0)
         _s1_flags(cbuf, m, np.uint32(n), key, offset + i0, flags)
         _pack_flags(flags, m, out[i0 >> 3:], 0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .bits import BITORDER, packed_nbytes
-from .rng import coin_bits, random_words, uniform
+from .rng import coin_bits, random_words, tie_coin_bits, uniform
 from .xp import array_module
 
 
@@ -81,7 +81,7 @@ def decide_from_counts(c, n, mode, key, offset=0):
         bits = 2 * c > n
         tie = 2 * c == n
         if mode == 0:
-            bits |= tie & coin_bits(key, pos)
+            bits |= tie & tie_coin_bits(key, pos)  # one word per 64 positions
         else:
             nonzero = _packbits(xp, ~tie)
     out = _packbits(xp, bits)

@@ -6,6 +6,9 @@ So a run is reproducible, a rank can resume from a checkpoint by storing only it
 every rank computes the *shared* stream's bits without communicating, and the CPU
 (NumPy/numba) and GPU (CuPy) paths give the same bits from the same integer arithmetic.
 
+The tie coins of the vote use one word per 64 positions (``tie_coin_bits``): the coin of
+position ``p`` is bit ``p % 64`` of the word at position ``p // 64``.
+
 Streams: each purpose (stochastic sign, zero coin, tie coin, S_1) has its own range;
 rank ``r`` owns stream ``(purpose << 32) | r`` and the stream that all ranks share is
 ``(purpose << 32) | 0xFFFFFFFF``.
@@ -73,6 +76,20 @@ def uniform(key: int, positions):
 
 
 def coin_bits(key: int, positions):
-    """A fair coin (bool) per position: the top bit of its random word."""
+    """A fair coin (bool) per position: the top bit of its random word (the zero coins
+    of sign())."""
     xp = array_module(positions)
     return (random_words(key, positions) >> xp.uint64(63)).astype(bool)
+
+
+def tie_coin_bits(key: int, positions):
+    """The tie coin (bool) of each position: bit ``p % 64`` of the random word at position
+    ``p // 64``, so one word serves 64 consecutive positions (a tied vote draws one
+    SplitMix64 per 64 coordinates, not one per tie).  The bits of a SplitMix64 word are
+    each fair and independent of each other for all practical purposes, so the coins stay
+    unbiased and independent across positions, and they depend only on the global
+    position, whatever shard or bucket computes them."""
+    xp = array_module(positions)
+    p = xp.asarray(positions, dtype=xp.uint64)
+    words = random_words(key, p >> xp.uint64(6))
+    return ((words >> (p & xp.uint64(63))) & xp.uint64(1)).astype(bool)
