@@ -2,7 +2,8 @@
 
 Times whole training iterations (forward, backward, optimizer step) of an MLP with
 MVSM, with and without ``overlap=True``, in the same run, and checks that both end with
-the same parameters.  Reports the median of the per-iteration max over ranks."""
+the same parameters.  Iterations of the two are interleaved; reports the median of the
+per-iteration max over ranks."""
 from __future__ import annotations
 
 import argparse
@@ -24,25 +25,33 @@ def build(width, depth, seed=0):
     return torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
 
 
-def run(args, transport, overlap):
-    model = build(args.width, args.depth)
-    opt = signcomm.MVSM(model.parameters(), lr=1e-3, beta=0.5, schedule=args.schedule,
-                        transport=transport, bucket_elements=args.bucket, overlap=overlap)
-    g = torch.Generator().manual_seed(transport.rank)
-    times = []
+def run(args, transport):
+    """Both optimizers on identical models and batches, iterations interleaved (sync,
+    overlap, sync, ...) so that load swings on a shared machine hit both alike; returns
+    {overlap: (median seconds, final parameters)}."""
+    setups = {}
+    for overlap in (False, True):
+        model = build(args.width, args.depth)
+        opt = signcomm.MVSM(model.parameters(), lr=1e-3, beta=0.5, schedule=args.schedule,
+                            transport=transport, bucket_elements=args.bucket, overlap=overlap)
+        setups[overlap] = (model, opt, torch.Generator().manual_seed(transport.rank), [])
     for i in range(args.warmup + args.iters):
-        x = torch.randn(args.batch, args.width, generator=g)
-        y = torch.randint(0, 10, (args.batch,), generator=g)
-        transport.barrier()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        dt = time.perf_counter() - t0
-        if i >= args.warmup:
-            times.append(float(transport.allreduce(np.array([dt]), "max")[0]))
-    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return float(np.median(times)), params
+        for overlap, (model, opt, g, times) in setups.items():
+            x = torch.randn(args.batch, args.width, generator=g)
+            y = torch.randint(0, 10, (args.batch,), generator=g)
+            transport.barrier()
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            dt = time.perf_counter() - t0
+            if i >= args.warmup:
+                times.append(float(transport.allreduce(np.array([dt]), "max")[0]))
+    out = {}
+    for overlap, (model, opt, _, times) in setups.items():
+        opt.close()
+        out[overlap] = (float(np.median(times)), torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return out
 
 
 def main():
@@ -58,8 +67,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     t = get_transport("mpi")
-    sync_s, p_sync = run(args, t, overlap=False)
-    over_s, p_over = run(args, t, overlap=True)
+    res = run(args, t)
+    (sync_s, p_sync), (over_s, p_over) = res[False], res[True]
     same = bool(torch.equal(p_sync, p_over))
     if t.rank == 0:
         d = p_sync.numel()
