@@ -388,6 +388,72 @@ def test_checkpoint_on_other_number_of_ranks_warns(tmp_path):
         signcomm.create_optimizer("mvsm-v1", [q], lr=0.1, transport="mpi").load_state_dict(opt.state_dict())
 
 
+def _momentum_run(edit, steps=3):
+    """mvsm-v1 on one rank, two small parameters in one bucket; ``edit(opt, params)``
+    after the first step.  Returns (momenta, parameters) after ``steps`` steps."""
+    import signcomm
+    gen = torch.Generator().manual_seed(0)
+    qs = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((5, 3), (4,))]
+    opt = signcomm.create_optimizer("mvsm-v1", qs, lr=0.1, transport="mpi")
+    for t in range(steps):
+        for q in qs:
+            q.grad = torch.randn(q.shape, generator=gen)
+        opt.step()
+        if t == 0:
+            edit(opt, qs)
+    return ([opt.state[q]["momentum_buffer"].clone() for q in qs], [q.detach().clone() for q in qs])
+
+
+def test_momentum_state_set_from_outside_is_used():
+    """The momentum lives in flat per-bucket buffers (``state[p]["momentum_buffer"]`` are
+    views of them): a buffer replaced by assignment and one changed in place both feed
+    the next step, the same way."""
+    def assign(opt, qs):
+        for q in qs:
+            opt.state[q]["momentum_buffer"] = torch.full_like(q, 7.0)
+
+    def in_place(opt, qs):
+        for q in qs:
+            opt.state[q]["momentum_buffer"].fill_(7.0)
+
+    m_assign, x_assign = _momentum_run(assign)
+    m_inplace, x_inplace = _momentum_run(in_place)
+    m_none, _ = _momentum_run(lambda opt, qs: None)
+    for a, b in zip(m_assign + x_assign, m_inplace + x_inplace):
+        assert torch.equal(a, b)
+    assert not torch.equal(m_assign[0], m_none[0])
+    m1, _ = _momentum_run(assign, steps=2)  # one step after the edit: lerp(7, g, 0.5)
+    gen = torch.Generator().manual_seed(0)
+    draws = [torch.randn(s, generator=gen) for _ in range(3) for s in ((5, 3), (4,))]
+    for m, g in zip(m1, draws[4:]):
+        assert torch.equal(m, torch.lerp(torch.full_like(g, 7.0), g, 0.5))
+
+
+def test_nan_gradient_changes_no_momentum_or_parameter_one_rank():
+    """A step with a NaN gradient raises naming the parameter; parameters and momentum
+    (the state tensors and their values) are unchanged, and the next good step goes on."""
+    import signcomm
+    gen = torch.Generator().manual_seed(1)
+    qs = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((6, 2), (3,))]
+    opt = signcomm.create_optimizer("mvsm-v1", qs, lr=0.1, transport="mpi")
+    for _ in range(2):
+        for q in qs:
+            q.grad = torch.randn(q.shape, generator=gen)
+        opt.step()
+    before = [(q.detach().clone(), opt.state[q]["momentum_buffer"].clone()) for q in qs]
+    objs = [opt.state[q]["momentum_buffer"] for q in qs]
+    qs[1].grad = torch.tensor([1.0, float("nan"), 2.0])
+    with pytest.raises(Exception, match="non-finite gradient"):
+        opt.step()
+    for q, (x, m), obj in zip(qs, before, objs):
+        assert torch.equal(q.detach(), x) and torch.equal(opt.state[q]["momentum_buffer"], m)
+        assert opt.state[q]["momentum_buffer"] is obj
+    assert opt.state_dict()["signcomm"]["step"] == 2
+    qs[1].grad = torch.tensor([1.0, -1.0, 2.0])
+    opt.step()
+    assert torch.equal(opt.state[qs[1]]["momentum_buffer"], torch.lerp(before[1][1], qs[1].grad, 0.5))
+
+
 # -- single node ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cls,beta", [("Signum", 0.1), ("Signum", 0.5), ("SignSGD", 1.0)])

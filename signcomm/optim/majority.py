@@ -17,6 +17,7 @@ import torch
 from .. import kernels as K
 from ..comm import get_transport
 from ..comm.base import Transport
+from ..kernels import _step
 from ..vote import R_POLICIES, SCHEDULES, SignVote
 from .buckets import DEFAULT_BUCKET_ELEMENTS, plan_buckets
 from .common import check_beta, check_group, check_lr
@@ -39,6 +40,53 @@ def _max_abs(tensors):
         lo, hi = torch.aminmax(t)
         out.append(torch.maximum(hi, -lo).float())
     return torch.stack(out) if out else torch.zeros(0)
+
+
+NONFINITE_BITS = 0x7F800000  # |x| bit patterns at or above this are Inf or NaN
+_FUSED_LERP = None  # does _step's fused lerp round as this torch build's lerp_? (checked once)
+
+
+def _fused_lerp_ok() -> bool:
+    """True when ``_step.momentum_pass`` gives torch's ``lerp`` bit for bit on this machine
+    (torch's vectorised CPU lerp is an FMA where the CPU has one); else the momentum
+    is computed with torch."""
+    global _FUSED_LERP
+    if _FUSED_LERP is None:
+        gen = np.random.default_rng(12345)
+        v = (gen.standard_normal(4099) * 10.0 ** gen.integers(-3, 4, 4099)).astype(np.float32)
+        g = (gen.standard_normal(4099) * 10.0 ** gen.integers(-3, 4, 4099)).astype(np.float32)
+        ok = True
+        for w in (0.1, 0.7):
+            ref = torch.lerp(torch.from_numpy(v), torch.from_numpy(g), w).numpy()
+            out = np.empty_like(v)
+            _step.momentum_pass(v, g, out, w, _step.MODE_LERP)
+            ok &= bool(np.array_equal(ref.view(np.uint32), out.view(np.uint32)))
+        _FUSED_LERP = ok
+    return _FUSED_LERP
+
+
+def _bits_to_float(bits) -> float:
+    return float(np.uint32(bits).view(np.float32))
+
+
+class _Momenta:
+    """The momentum of one layout, one flat fp32 buffer per bucket, twice: step t reads
+    side ``cur`` and writes v_t into the other side, which becomes ``cur`` (and the
+    parameters' ``state[p]["momentum_buffer"]``, views of it) only once the vote has
+    succeeded.  S_R reads the written side directly, so buckets need no concatenation."""
+
+    def __init__(self, key, buckets):
+        self.key = key
+        self.flat, self.views, self.arrays = [], [], []
+        self.cur = [0] * len(buckets)
+        for b in buckets:
+            pair = [torch.empty(b.d, dtype=torch.float32) for _ in range(2)]
+            starts = np.concatenate([[0], np.cumsum(b.sizes)]).astype(np.int64)
+            self.flat.append(pair)
+            self.views.append([[side[int(starts[j]):int(starts[j + 1])].view(p.shape)
+                                for j, p in enumerate(b.params)] for side in pair])
+            self.arrays.append([[a[int(starts[j]):int(starts[j + 1])]
+                                 for j in range(len(b.params))] for a in (side.numpy() for side in pair)])
 
 
 class MVSM(torch.optim.Optimizer):
@@ -112,7 +160,8 @@ class MVSM(torch.optim.Optimizer):
                                  invert=byzantine)
         self._step = 0
         self._layouts = {}
-        self._buffers = {}  # reused flat float32 buffers (bucket contributions, vote values)
+        self._buffers = {}  # reused flat float32 buffer (vote values, non-fp32 parameters)
+        self._mom = None     # _Momenta of the current layout
         self.stats = {}
         self._overlap = None
         if overlap:
@@ -151,36 +200,72 @@ class MVSM(torch.optim.Optimizer):
             self._layouts = {key: plan_buckets([p for _, p, _ in present], self.bucket_elements)}
         return self._layouts[key]
 
-    def _momentum(self, group, p, inplace=True):
-        """Return v_t for p (eq. 9), fp32 whatever p's dtype.  ``inplace=False`` leaves
-        the state untouched (the caller commits it with ``_commit``)."""
-        g = p.grad.detach()
-        if g.is_sparse:
-            raise TypeError("sparse gradients are not supported")
-        beta = group["beta"]
-        if beta == 1.0 and self.momentum_init == "first":
-            return g.float().reshape(-1)  # no momentum: v_t = g_t, nothing stored
-        v = self.state[p].get("momentum_buffer")
-        if v is None:
-            v = g.float().clone() if self.momentum_init == "first" else g.float() * beta
-        elif inplace:  # (1 - beta) v + beta g in one pass, rounded as the overlap path's
-            v.lerp_(g.float(), beta)
-        else:
-            v = torch.lerp(v, g.float(), beta)  # (1 - beta) v + beta g, a new tensor
-        if inplace:
-            self.state[p]["momentum_buffer"] = v
-        return v.reshape(-1)
+    def _momenta(self, buckets):
+        """The double-buffered momentum of this layout (made anew when the layout changes;
+        momentum from elsewhere, e.g. ``load_state_dict``, is copied in at the next step)."""
+        key = tuple(id(p) for b in buckets for p in b.params)
+        if self._mom is None or self._mom.key != key:
+            self._mom = _Momenta(key, buckets)
+        return self._mom
 
-    def _commit(self, group, p, v):
-        """Store v (from ``_momentum(inplace=False)``) as p's momentum."""
-        if not (group["beta"] == 1.0 and self.momentum_init == "first"):
-            self.state[p]["momentum_buffer"] = v.reshape(p.shape)
+    def _stateless(self, group):
+        """No momentum (beta = 1 with v_1 = g_1): v_t = g_t, nothing stored."""
+        return group["beta"] == 1.0 and self.momentum_init == "first"
 
-    def _agree(self, step, present, what):
-        """One small allreduce: same layout and settings on every rank, finite grads."""
-        grads = [p.grad for _, p, _ in present]
-        norms = _max_abs(grads)
-        bad = [name for (_, _, name), nrm in zip(present, norms) if not torch.isfinite(nrm)]
+    def _prepare(self, mom, bi, entries):
+        """One pass per parameter of bucket ``bi``: v_t (eq. 9) into the bucket's next
+        momentum buffer, max |g| (the finite check) and max |v_t| (R's local max), fused.
+        The state is not touched (``_commit`` does that after the vote).  Returns (the
+        bucket's v_t as a flat fp32 array, max |v_t| per tensor as float64, names of the
+        parameters whose gradient is not finite)."""
+        cur = mom.cur[bi]
+        nxt = 1 - cur
+        fused = _fused_lerp_ok()
+        vmax = np.zeros(len(entries), np.float64)
+        bad = []
+        for j, (group, p, name) in enumerate(entries):
+            g = p.grad.detach()
+            if g.is_sparse:
+                raise TypeError("sparse gradients are not supported")
+            if g.dtype != torch.float32 or not g.is_contiguous():
+                g = g.float().contiguous()
+            beta = group["beta"]
+            out_t = mom.views[bi][nxt][j]
+            v_t = None
+            if self._stateless(group):
+                mode = _step.MODE_COPY
+            else:
+                v = self.state[p].get("momentum_buffer")
+                if v is None:
+                    mode = _step.MODE_COPY if self.momentum_init == "first" else _step.MODE_SCALE
+                else:
+                    v_t = mom.views[bi][cur][j]
+                    if v is not v_t:  # loaded or set from outside: take its values
+                        v_t.reshape(-1).copy_(v.detach().reshape(-1))
+                    mode = _step.MODE_LERP
+            if fused or mode != _step.MODE_LERP:
+                gm, vm = _step.momentum_pass(mom.arrays[bi][cur][j], g.numpy().reshape(-1),
+                                             mom.arrays[bi][nxt][j], beta, mode)
+                finite, vmax[j] = gm < NONFINITE_BITS, _bits_to_float(vm)
+            else:  # torch's lerp rounds otherwise on this machine: use it
+                torch.lerp(v_t, g.view_as(v_t), beta, out=out_t)
+                finite = bool(torch.isfinite(_max_abs([g])[0]))
+                vmax[j] = float(_max_abs([out_t])[0])
+            if not finite:
+                bad.append(name)
+        return mom.flat[bi][nxt].numpy(), vmax, bad
+
+    def _commit(self, mom, bi, entries):
+        """v_t of bucket ``bi`` becomes the momentum (after a successful vote)."""
+        nxt = 1 - mom.cur[bi]
+        for j, (group, p, _) in enumerate(entries):
+            if not self._stateless(group):
+                self.state[p]["momentum_buffer"] = mom.views[bi][nxt][j]
+        mom.cur[bi] = nxt
+
+    def _agree(self, step, present, what, bad):
+        """One small allreduce: same layout and settings on every rank, finite grads
+        (``bad``: this rank's parameters with a non-finite gradient, from ``_prepare``)."""
         error = (f"non-finite gradient (NaN/Inf) in {', '.join(bad[:5])}"
                  f"{' and more' if len(bad) > 5 else ''} at step {step}; nothing was updated") if bad else None
         self.transport.agree(
@@ -188,19 +273,11 @@ class MVSM(torch.optim.Optimizer):
              self.variant, self.tie, self.contribution, str(self.R), self.seed),
             error=error, what=f"{what} of optimizer step {step} (parameter layout and gradients)")
 
-    def _vote_bucket(self, step, bucket, vs, r):
+    def _vote_bucket(self, step, bucket, flat, r):
         """Pack one bucket's contributions (S_R with per-tensor ``r``, or sign when
-        ``r`` is None) and vote; returns (Vote, clamped, compress_s, vote_s), vote_s
-        without the time inside collectives (that is comm_s)."""
+        ``r`` is None) from its flat momentum and vote; returns (Vote, clamped,
+        compress_s, vote_s), vote_s without the time inside collectives (that is comm_s)."""
         t1 = time.perf_counter()
-        if len(vs) > 1:  # into a buffer kept per bucket: a fresh one costs page faults
-            key = (bucket.offset, bucket.d)
-            buf = self._buffers.get(key)
-            if buf is None:
-                buf = self._buffers[key] = torch.empty(bucket.d, dtype=torch.float32)
-            flat = torch.cat(vs, out=buf).numpy()
-        else:
-            flat = vs[0].numpy()
         packed = self.signvote.contribute(flat, step, r=r, seg_sizes=bucket.sizes, offset=bucket.offset)
         ledger = self.transport.ledger
         t2, comm0 = time.perf_counter(), ledger.summary().seconds
@@ -221,13 +298,37 @@ class MVSM(torch.optim.Optimizer):
                     dtype=np.float32)
         return np.subtract(o, np.float32(1), out=o)
 
-    def _resolve_r(self, vs):
-        """Per-tensor R of these momenta under the R policy (None for sign methods);
-        "global" costs one MAX-allreduce for all of them."""
+    def _resolve_r(self, local):
+        """Per-tensor R under the R policy from this rank's max |v| per tensor (None for
+        sign methods); "global" costs one MAX-allreduce for all of them."""
         if self.contribution != "sr":
             return None
-        local = _max_abs(vs).double().numpy()
         return self.signvote.resolve_r(local)
+
+    def _update(self, present, buckets, votes):
+        """x <- x (1 - lr wd) - lr o for every parameter, o read from the packed vote
+        bits (fp32 CPU parameters, one numba pass each) or decoded into floats (others:
+        torch's fp16/bf16 arithmetic)."""
+        first = 0
+        for b, vote in zip(buckets, votes):
+            o = None
+            start = 0
+            for p, size in zip(b.params, b.sizes.tolist()):
+                group = present[first][0]
+                first += 1
+                lr, wd = group["lr"], group["weight_decay"]
+                if p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous():
+                    # p.mul_(1 - lr wd); p.add_(o, alpha=-lr), with the same roundings
+                    _step.apply_signs(p.detach().numpy().reshape(-1), vote.bits, start,
+                                      np.float32(-lr), nonzero=vote.nonzero,
+                                      decay=(1 - lr * wd) if wd else None)
+                else:
+                    if o is None:
+                        o = torch.from_numpy(self._values(vote, b.d))
+                    if wd:
+                        p.mul_(1 - lr * wd)
+                    p.add_(o[start:start + size].view_as(p).to(p.dtype), alpha=-lr)
+                start += size
 
     # -- the step ---------------------------------------------------------------------
     @torch.no_grad()
@@ -248,34 +349,34 @@ class MVSM(torch.optim.Optimizer):
         else:
             if self._overlap is not None:
                 self._overlap.reset()
-            self._agree(step, present, "the vote")
+            buckets = self._layout(present) if present else []
+            mom = self._momenta(buckets) if buckets else None
+            prepared, bad, first = [], [], 0
+            for bi, b in enumerate(buckets):  # local: v_t, finite check, max |v_t|
+                entries = present[first:first + len(b.params)]
+                flat, vmax, bad_b = self._prepare(mom, bi, entries)
+                prepared.append((entries, flat, vmax))
+                bad += bad_b
+                first += len(b.params)
+            self._agree(step, present, "the vote", bad)
             if not present:
                 self._step += 1
                 return loss
-            vs = [self._momentum(group, p) for group, p, _ in present]
-            r_all = self._resolve_r(vs)
-            buckets = self._layout(present)
+            r_all = self._resolve_r(np.concatenate([vm for _, _, vm in prepared]))
             # the agreement and shared-R collectives so far count as comm_s, not compress_s
             compress_s = time.perf_counter() - t0 - ledger.summary(step).seconds
             vote_total, clamped, first, votes = 0.0, 0, 0, []
-            for b in buckets:
+            for b, (entries, flat, _) in zip(buckets, prepared):
                 k = len(b.params)
                 r = None if r_all is None else r_all[first:first + k]
-                vote, c, cs, vt = self._vote_bucket(step, b, vs[first:first + k], r)
+                vote, c, cs, vt = self._vote_bucket(step, b, flat, r)
                 votes.append(vote)
                 clamped, compress_s, vote_total = clamped + c, compress_s + cs, vote_total + vt
                 first += k
+            for bi, (entries, _, _) in enumerate(prepared):  # every vote succeeded
+                self._commit(mom, bi, entries)
         t3 = time.perf_counter()
-        first = 0
-        for b, vote in zip(buckets, votes):
-            o = torch.from_numpy(self._values(vote, b.d))
-            for p, seg in zip(b.params, torch.split(o, b.sizes.tolist())):
-                group = present[first][0]
-                first += 1
-                lr, wd = group["lr"], group["weight_decay"]
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(seg.view_as(p).to(p.dtype), alpha=-lr)
+        self._update(present, buckets, votes)
         update_s = time.perf_counter() - t3
         self._step += 1
         if self.lockstep_every and self._step % self.lockstep_every == 0:

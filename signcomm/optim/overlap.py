@@ -4,8 +4,9 @@ A post-accumulate-grad hook on every parameter counts the ready gradients of eac
 bucket.  Buckets are voted strictly in reverse order (the last layers' gradients are
 ready first), one at a time on a single worker thread, so every rank issues the same
 collectives in the same order.  ``step()`` then votes whatever was not started, waits,
-and applies the updates.  Momentum is computed out of place and committed only when
-every bucket succeeded, so an error (NaN, mismatch) still leaves nothing updated.
+and applies the updates.  Momentum is written to the bucket's other momentum buffer and
+committed only when every bucket succeeded, so an error (NaN, mismatch) still leaves
+nothing updated.
 
 The layout is the one the synchronous path uses when every parameter has a gradient,
 with the same random-stream positions, so overlap changes timing, never results.
@@ -21,6 +22,7 @@ optimizer (or calling its ``close()``) removes the hooks, so a model can outlive
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -85,11 +87,13 @@ class OverlapEngine:
         if i == len(self.buckets) - 1:
             opt.transport.ledger.begin_step(step)
         entries = self.entries[self.slices[i]]
-        opt._agree(step, entries, f"bucket {i}")
-        vs = [opt._momentum(group, p, inplace=False) for group, p, _ in entries]
-        vote, clamped, compress_s, vote_s = opt._vote_bucket(step, self.buckets[i], vs,
-                                                             opt._resolve_r(vs))
-        return vs, vote, clamped, compress_s, vote_s
+        t0 = time.perf_counter()
+        flat, vmax, bad = opt._prepare(opt._momenta(self.buckets), i, entries)
+        prepare_s = time.perf_counter() - t0
+        opt._agree(step, entries, f"bucket {i}", bad)
+        vote, clamped, compress_s, vote_s = opt._vote_bucket(step, self.buckets[i], flat,
+                                                             opt._resolve_r(vmax))
+        return vote, clamped, prepare_s + compress_s, vote_s
 
     def _drain(self):
         """Wait for every started job; return results by bucket and the first error."""
@@ -121,10 +125,10 @@ class OverlapEngine:
         if error is not None:
             raise error
         votes, clamped, compress_s, vote_s = [], 0, 0.0, 0.0
+        mom = self.opt._momenta(self.buckets)
         for i in range(len(self.buckets)):
-            vs, vote, c, cs, vt = results[i]
-            for (group, p, _), v in zip(self.entries[self.slices[i]], vs):
-                self.opt._commit(group, p, v)
+            vote, c, cs, vt = results[i]
+            self.opt._commit(mom, i, self.entries[self.slices[i]])
             votes.append(vote)
             clamped, compress_s, vote_s = clamped + c, compress_s + cs, vote_s + vt
         return votes, clamped, compress_s, vote_s
