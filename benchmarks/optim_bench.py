@@ -2,7 +2,7 @@
 
 Per rank and step, from ``opt.stats``: compress (momentum + R + S_R + packing), comm (time
 inside collectives, including waiting for slower ranks), vote (the vote kernels) and
-update (unpack + x <- x - lr o).  Next to them, in the same run and on the same
+update (x <- x - lr o from the packed vote bits).  Next to them, in the same run and on the same
 parameters: a memory copy of all parameters (one flat fp32 copy, and one copy per
 tensor), the fp32 allreduce that plain data parallelism does instead (Horovod's
 allreduce of every gradient, as ``hvd.DistributedOptimizer`` issues it, when Horovod
@@ -52,33 +52,37 @@ def median_of_max(transport, samples):
     return float(np.median(a))
 
 
-def breakdown(params, grads, opt, transport, reps):
+def breakdown(opt, transport, reps):
     """The step's pieces, timed one by one on every rank at once (median of the max over
-    ranks): what MVSM.step does, written out with the same kernels."""
-    import torch
+    ranks): what MVSM.step does, called piece by piece on the optimizer's own buffers."""
     from signcomm import kernels as K
-    from signcomm.optim.majority import _max_abs
     from signcomm.vote import vote_keys
-    vs = [opt.state[p]["momentum_buffer"] for p in params]
-    sizes = np.array([p.numel() for p in params])
-    flat = torch.cat([v.reshape(-1) for v in vs])
-    out = torch.empty_like(flat)
-    r = np.full(len(vs), float(flat.abs().max()))
+    present = opt._present()
+    buckets = opt._layout(present)
+    mom = opt._momenta(buckets)
+    entries, first = [], 0
+    for b in buckets:
+        entries.append(present[first:first + len(b.params)])
+        first += len(b.params)
+    prepared = [opt._prepare(mom, bi, e) for bi, e in enumerate(entries)]
+    r = opt._resolve_r(np.concatenate([vm for _, vm, _ in prepared]))
     key = K.key64(0, K.stream_id(K.Purpose.STOCHASTIC_SIGN, transport.rank), 0)
-    packed = K.stochastic_sign_pack(flat.numpy(), r, key, seg_sizes=sizes)[0]
-    gathered = transport.allgather(packed)
-    vote = K.majority_vote(gathered, flat.numel(), key=vote_keys(0, 0)[0])
-    o = torch.from_numpy(opt._values(vote, flat.numel()))
+    rs, first = [], 0
+    for b in buckets:
+        rs.append(r[first:first + len(b.params)])
+        first += len(b.params)
+    packed = [K.stochastic_sign_pack(f, rb, key, seg_sizes=b.sizes, offset=b.offset)[0]
+              for (f, _, _), rb, b in zip(prepared, rs, buckets)]
+    gathered = [transport.allgather(pk) for pk in packed]
+    tie_key = vote_keys(0, 0)[0]
+    votes = [K.majority_vote(g, b.d, key=tie_key, offset=b.offset) for g, b in zip(gathered, buckets)]
     pieces = {
-        "finite check of grads (max|g|)": lambda: _max_abs(grads),
-        "momentum (lerp_)": lambda: [v.lerp_(g, 0.5) for v, g in zip(vs, grads)],
-        "R: max|v| per tensor": lambda: _max_abs(vs),
-        "concatenate into buckets": lambda: torch.cat([v.reshape(-1) for v in vs], out=out),
-        "S_R + pack (numba)": lambda: K.stochastic_sign_pack(flat.numpy(), r, key, seg_sizes=sizes),
-        "vote kernel (n rows)": lambda: K.majority_vote(gathered, flat.numel(), key=vote_keys(0, 0)[0]),
-        "decode vote to +-1 floats": lambda: opt._values(vote, flat.numel()),
-        "x -= lr * o (per tensor)": lambda: [p.data.add_(seg.view_as(p), alpha=-1e-4) for p, seg in
-                                          zip(params, torch.split(o, sizes.tolist()))],
+        "momentum + finite + max|v| (fused)": lambda: [opt._prepare(mom, bi, e) for bi, e in enumerate(entries)],
+        "S_R + pack (numba)": lambda: [K.stochastic_sign_pack(f, rb, key, seg_sizes=b.sizes, offset=b.offset)
+                                       for (f, _, _), rb, b in zip(prepared, rs, buckets)],
+        "vote kernel (n rows)": lambda: [K.majority_vote(g, b.d, key=tie_key, offset=b.offset)
+                                         for g, b in zip(gathered, buckets)],
+        "x -= lr * o from the vote bits": lambda: opt._update(present, buckets, votes),
     }
     fig = {}
     for name, f in pieces.items():
@@ -178,7 +182,7 @@ def main():
         rows["mpi_fp32_s"].append(mpi_s)
         rows["hvd_fp32_s"].append(hvd_s)
     fig = {k: median_of_max(transport, v) for k, v in rows.items()}
-    parts = breakdown(params, grads, opt, transport, args.steps) if args.breakdown else None
+    parts = breakdown(opt, transport, args.steps) if args.breakdown else None
     stats = opt.stats
     if rank == 0:
         work = fig["compress_s"] + fig["vote_s"] + fig["update_s"]
