@@ -23,3 +23,14 @@ def warmup() -> None:
     for c in (counts, wide):
         for variant, tie in (("v1", "coin"), ("v1", "zero"), ("v2", "coin")):
             ops.vote_from_counts(c, 3, variant=variant, tie=tie, key=key)
+
+    # the optimizer step's kernels, serial and parallel variants (types, not sizes, matter)
+    from . import _step
+
+    v, g, out = (np.linspace(-1, 1, 77).astype(np.float32) for _ in range(3))
+    for kernel in (_step.momentum_serial, _step.momentum_parallel):
+        kernel(v, g, out, np.float32(0.5), _step.MODE_LERP)
+    bits, mask = np.zeros(10, np.uint8), np.ones(10, np.uint8)
+    for kernel in (_step.apply_serial, _step.apply_parallel):
+        for nz in (_step._EMPTY, mask):
+            kernel(out, bits, nz, 0, np.float32(-0.1), np.float32(1.0), False)
