@@ -18,8 +18,9 @@ drift on a shared machine; the ratio is the figure to compare.  Targets (issue 2
 2-core CPU): sign+pack <= 1.5x, S_R+pack <= 4x, v1 vote <= 2x.
 
 The gathered rows are uniform random bits: what S_R sends when |v| << R, and the worst
-case for ties (at n = 8, 27% of coordinates tie and each draws a coin from the shared
-stream).
+case for ties (at n = 8, 27% of coordinates tie, so nearly every 64-coordinate word has a
+tie and draws its word of coins from the shared stream: one SplitMix64 per 64
+coordinates).
 """
 from __future__ import annotations
 
