@@ -4,8 +4,8 @@
 #
 # Idempotent: a stamp in .venv records what was installed; a second run with the same
 # inputs returns at once.  The built Horovod wheel is cached in $SIGNCOMM_CACHE
-# (default ~/.cache/signcomm) keyed by Python, torch and patch, so a fresh clone on a
-# machine that built it once installs it in seconds.
+# (default ~/.cache/signcomm) keyed by Python, torch and patch; its RUNPATH is relative
+# to the module, so a fresh clone on a machine that built it once installs it in seconds.
 #
 # Environment:
 #   TORCH_SPEC      pip requirement for torch (default torch==2.13.0; a bare "torch"
@@ -98,6 +98,17 @@ else
             fail "building Horovod failed (full log: $CACHE/horovod-build-failed.log)" \
                 "it needs g++ with C++17, MPICH's mpicxx in .venv/bin and torch headers; or run with SKIP_HOROVOD=1 to use the MPI transport only"
         }
+        # The wheel goes into a cache shared by every clone: it must not point at this
+        # venv (the patch makes the RUNPATH relative to the module; check it did).
+        if command -v readelf >/dev/null; then
+            mkdir "$BUILD/check" && (cd "$BUILD/check" && "$PY" -m zipfile -e "$BUILD"/wheel/horovod-*.whl .)
+            for so in $(find "$BUILD/check" -name '*.so'); do
+                if readelf -d "$so" | grep -E 'R(UN)?PATH' | grep -q "$VENV"; then
+                    fail "the built $(basename "$so") has an absolute RUNPATH into $VENV, so the cached wheel would break in another clone" \
+                        "check that patches/horovod-$HOROVOD_VERSION.patch sets CMAKE_INSTALL_RPATH and applied"
+                fi
+            done
+        fi
         mv "$BUILD"/wheel/horovod-*.whl "$WHEEL_DIR"/
     else
         step "Horovod wheel from cache $WHEEL_DIR"
@@ -106,8 +117,9 @@ else
         "delete $WHEEL_DIR to force a rebuild"
     step "checking Horovod: built with PyTorch, MPI and Gloo, runs in MPI mode"
     CHECK=$(horovodrun --check-build 2>&1) || fail "horovodrun --check-build failed: $CHECK" "delete $WHEEL_DIR and rerun"
-    for need in "\[X\] PyTorch" "\[X\] MPI" "\[X\] Gloo"; do
-        echo "$CHECK" | grep -q "$need" || fail "Horovod lacks ${need#\\[X\\] }: $CHECK" "delete $WHEEL_DIR and rerun make setup"
+    for need in PyTorch MPI Gloo; do
+        echo "$CHECK" | grep -qF "[X] $need" || fail "horovodrun --check-build does not list $need (is horovod.torch importable? try: $PY -c 'import horovod.torch'): $CHECK" \
+            "delete $WHEEL_DIR and rerun make setup"
     done
     MODE=$(timeout 120 horovodrun -np 2 "$PY" -c 'import horovod.torch as hvd; hvd.init(); print("MPI" if hvd.mpi_enabled() else "GLOO", hvd.size())' 2>&1) \
         || fail "horovodrun -np 2 failed: $MODE" "check that .venv/bin/mpirun is MPICH (mpirun --version)"

@@ -1,4 +1,10 @@
 """The harness and the install: real mpirun and horovodrun jobs, compared with an oracle."""
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -52,3 +58,22 @@ def test_missing_result_is_reported(tmp_path):
     script.write_text("print('no result from me')\n")
     with pytest.raises(JobFailed, match="left no result"):
         launch(script, 2, timeout=60)
+
+
+@requires_horovod
+def test_horovod_extension_is_relocatable():
+    """The cached Horovod wheel is shared by every clone, so its extension must find
+    libmpi and torch relative to itself, never in the venv that happened to build it."""
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf (binutils) not installed")
+    ext = Path(importlib.util.find_spec("horovod").origin).parent / "torch"
+    libs = sorted(ext.glob("mpi_lib*.so"))
+    assert libs, f"no Horovod torch extension in {ext}"
+    for lib in libs:
+        dynamic = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True,
+                                 check=True).stdout
+        paths = [line.split("[", 1)[1].rstrip("]") for line in dynamic.splitlines()
+                 if "RUNPATH" in line or "RPATH" in line]
+        assert paths, f"{lib.name} has no RUNPATH: libmpi would only be found system-wide"
+        absolute = [p for p in ":".join(paths).split(":") if p.startswith("/")]
+        assert not absolute, f"{lib.name} has absolute RUNPATH entries {absolute} (venv {sys.prefix})"
