@@ -25,25 +25,6 @@ TRAIN = ROOT / "mpi_examples" / "train.py"
 CHANCE = 0.1  # ten digit classes
 
 
-def have_optimizers() -> bool:
-    try:
-        import signcomm
-        return hasattr(signcomm, "create_optimizer")
-    except ImportError:
-        return False
-
-
-def have_compressors() -> bool:
-    try:
-        import compressors
-    except ImportError:
-        return False
-    comp = getattr(compressors, "Compression", None)
-    return comp is not None and all(hasattr(comp, k) for k in ("sign", "sr", "s1"))
-
-
-NEEDS_OPTIM = "signcomm.create_optimizer is not in this checkout yet (training wrapper, issue 4)"
-NEEDS_COMP = "compressors.Compression.sign/sr/s1 are not in this checkout yet (issue 5)"
 VOTE = list(M.VOTE_METHODS)
 
 
@@ -101,11 +82,10 @@ MPI_N = 4
 def mpi_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mpi")
     plan = [{"method": "sgdm"}]
-    if have_optimizers():
-        plan += [{"method": m} for m in VOTE]
-        # harder settings get a few more steps
-        plan += [{"method": "mvsm-v1", "byzantine": 1, "lr": 0.01, "epochs": 4},
-                 {"method": "mvsm-v2", "heterogeneous": True, "lr": 0.01, "epochs": 4}]
+    plan += [{"method": m} for m in VOTE]
+    # harder settings get a few more steps
+    plan += [{"method": "mvsm-v1", "byzantine": 1, "lr": 0.01, "epochs": 4},
+             {"method": "mvsm-v2", "heterogeneous": True, "lr": 0.01, "epochs": 4}]
     job = launch(ROOT / "tests" / "workers" / "train_worker.py", MPI_N,
                  launcher="mpirun", timeout=240,
                  args=["--plan", plan_file(tmp, plan), "--epochs", 2, "--batch-size", 32,
@@ -139,8 +119,6 @@ def test_mpirun_baseline_trains_over_mpi4py(mpi_runs):
 @pytest.mark.multirank
 @pytest.mark.parametrize("method", VOTE)
 def test_mpirun_vote_method_trains(mpi_runs, method):
-    if not have_optimizers():
-        pytest.skip(NEEDS_OPTIM)
     job, runs, _ = mpi_runs
     recs = _find(runs, method)
     assert_trained(recs)
@@ -152,8 +130,6 @@ def test_mpirun_vote_method_trains(mpi_runs, method):
 
 @pytest.mark.multirank
 def test_mpirun_byzantine_and_heterogeneous_still_train(mpi_runs):
-    if not have_optimizers():
-        pytest.skip(NEEDS_OPTIM)
     _, runs, _ = mpi_runs
     assert_trained(_find(runs, "mvsm-v1", byzantine=1), min_acc=2 * CHANCE)
     assert_trained(_find(runs, "mvsm-v2", heterogeneous=True), min_acc=2 * CHANCE)
@@ -176,11 +152,9 @@ HVD_N = 3
 @pytest.fixture(scope="module")
 def hvd_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hvd")
-    plan = [{"method": "sgdm"}, {"method": "adamw"}]
-    if have_optimizers():
-        plan += [{"method": "mvsm-v2"}, {"method": "signsgd-mv"}]
-    if have_compressors():
-        plan += [{"method": m} for m in M.COMPRESSOR_METHODS]
+    plan = [{"method": "sgdm"}, {"method": "adamw"}, {"method": "mvsm-v2"},
+            {"method": "signsgd-mv"}]
+    plan += [{"method": m} for m in M.COMPRESSOR_METHODS]
     job = launch(ROOT / "tests" / "workers" / "train_worker.py", HVD_N, launcher="horovodrun",
                  timeout=240, args=["--plan", plan_file(tmp, plan), "--epochs", 2,
                                     "--batch-size", 32, "--out-dir", tmp / "runs"])
@@ -204,8 +178,6 @@ def test_horovodrun_baselines(hvd_runs):
 @requires_horovod
 @pytest.mark.parametrize("method", ["mvsm-v2", "signsgd-mv"])
 def test_horovodrun_vote_methods(hvd_runs, method):
-    if not have_optimizers():
-        pytest.skip(NEEDS_OPTIM)
     _, runs, _ = hvd_runs
     recs = _find(runs, method)
     assert recs[0]["engine"] == "horovod"
@@ -217,8 +189,6 @@ def test_horovodrun_vote_methods(hvd_runs, method):
 @requires_horovod
 @pytest.mark.parametrize("method", M.COMPRESSOR_METHODS)
 def test_horovodrun_compressors(hvd_runs, method):
-    if not have_compressors():
-        pytest.skip(NEEDS_COMP)
     _, runs, _ = hvd_runs
     recs = _find(runs, method)
     assert_trained(recs, min_acc=2 * CHANCE)
@@ -232,9 +202,7 @@ def test_horovodrun_compressors(hvd_runs, method):
 @pytest.fixture(scope="module")
 def single_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
-    plan = [{"method": "sgdm"}, {"method": "adamw"}]
-    if have_optimizers():
-        plan += [{"method": "signum"}, {"method": "signsgd"}]
+    plan = [{"method": "sgdm"}, {"method": "adamw"}, {"method": "signum"}, {"method": "signsgd"}]
     # one compute thread: the tiny CNN gains nothing from two, and OpenMP threads spin
     # badly when other jobs load the machine
     job = launch(ROOT / "tests" / "workers" / "train_worker.py", 1, launcher="python",
@@ -246,8 +214,6 @@ def single_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["sgdm", "adamw", "signum", "signsgd"])
 def test_single_process_methods_train(single_runs, method):
-    if method in M.SINGLE_METHODS and not have_optimizers():
-        pytest.skip(NEEDS_OPTIM)
     _, runs, _ = single_runs
     recs = _find(runs, method)
     assert recs[0]["ranks"] == 1
@@ -385,8 +351,6 @@ def test_more_ranks_than_samples():
 
 @pytest.mark.multirank
 def test_single_process_method_on_many_ranks_is_refused():
-    if not have_optimizers():
-        pytest.skip(NEEDS_OPTIM)
     job = launch(TRAIN, 2, args=["--method", "signum", "--epochs", 1], timeout=120,
                  expect_failure=True, need_results=False)
     assert_clean_failure(job.output, job.returncode, "single-process method", "signum-mv")
