@@ -22,7 +22,7 @@ Definitions (all measured at the end of the epoch, with the model in eval mode):
 * ``train_loss_running``: mean minibatch loss over the epoch's steps, all ranks;
 * ``bytes_sent`` / ``bytes_received``: per rank in this epoch, mean over ranks
   (``*_max``: the largest rank; ``*_total``: since the start), as counted by the byte
-  ledger (bandwidth-optimal algorithms' bytes, ALGORITHMS.md's cost table);
+  ledger (bandwidth-optimal algorithms' bytes, docs/algorithms.md's cost table);
 * ``time_compute_s`` (forward + backward), ``time_compress_s`` (momentum, S_R or sign,
   packing), ``time_comm_s``, ``time_vote_s``, ``time_update_s``: seconds in this epoch,
   mean over ranks; ``time_eval_s`` and ``epoch_wall_s`` on rank 0.

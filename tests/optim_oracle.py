@@ -39,7 +39,7 @@ SPECS = [("w1", (7, 5)), ("b1", (7,)), ("w2", (3, 7)), ("b2", (3,)), ("unused", 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BATCH = 6
 
-# family presets, restated from ALGORITHMS.md (not imported from signcomm)
+# family presets, restated from docs/algorithms.md (not imported from signcomm)
 METHODS = {
     #                  contribution, beta, momentum_init, variant
     "signsgd-mv": ("sign", 1.0, "first", "v1"),

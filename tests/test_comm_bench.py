@@ -1,7 +1,7 @@
 """Smoke test of benchmarks/comm_bench.py: 2 ranks under mpirun, a tiny d, one repeat.
 
 Checks the JSON records' fields and that the ledger's bytes equal each schedule's
-predicted bytes (and ALGORITHMS.md's formulas).  MPI transport only, to stay light:
+predicted bytes (and docs/algorithms.md's formulas).  MPI transport only, to stay light:
 importing horovod.torch alone takes several seconds per rank; the Horovod ledger is
 covered by test_vote.py."""
 import json
@@ -17,7 +17,7 @@ FIELDS = ("schedule", "transport", "variant", "n", "d", "seconds", "bytes_sent",
 
 
 def formula_bytes(schedule, n, d):
-    """ALGORITHMS.md's table, per rank and direction, as signcomm/vote.py rounds it."""
+    """docs/algorithms.md's table, per rank and direction, as signcomm/vote.py rounds it."""
     nbytes = -(-d // 8)
     if schedule == "allgather":
         return (n - 1) * nbytes

@@ -5,7 +5,7 @@ Two halves:
 - in-process: n ranks simulated by n compressors with explicit ``size``/``rank`` and an
   allreduce written out in NumPy the way Horovod's MPI path does it (prescale each rank's
   float64 buffer, sum in some order, postscale; Average divides the postscale by n),
-  checked against a single-process oracle of the vote written here from ALGORITHMS.md;
+  checked against a single-process oracle of the vote written here from docs/algorithms.md;
 - real Horovod: one ``horovodrun -np 4`` and one ``mpirun -np 3`` job of an ordinary
   training script (tests/workers/hvd_compressors.py) with every op/option, whose every
   step's decompressed result is compared with the same oracle.
@@ -28,7 +28,7 @@ from signcomm.kernels.rng import splitmix64
 ROOT = Path(__file__).resolve().parent.parent
 
 # --------------------------------------------------------------------------------------
-# The oracle: plain NumPy from ALGORITHMS.md and the key derivation in docs/compressors.md
+# The oracle: plain NumPy from docs/algorithms.md and the key derivation in docs/compressors.md
 # --------------------------------------------------------------------------------------
 
 
