@@ -23,14 +23,60 @@ class RemoteRankError(RuntimeError):
 OPS = ("sum", "max", "min")
 
 
-class Transport:
-    """Rank, size and five collectives on 1-D/2-D NumPy (or CuPy) buffers.
+class Handle:
+    """A posted collective.  ``test()`` says, without blocking, whether it has finished;
+    ``wait()`` blocks until it has and returns its result (the same object on every
+    later call).  The ledger records the call when it finishes, with the time spent
+    inside the transport (posting and waiting), not the time it ran in the background."""
 
-    Subclasses implement the ``_`` methods; this class records every call in
-    ``self.ledger`` and provides ``agree``, the consistency check that turns a mismatch
-    or a local failure into an error on every rank instead of a hang."""
+    def __init__(self, transport, op, sent, received, finish, test=None, seconds=0.0):
+        self._transport, self._op = transport, op
+        self._sent, self._received = sent, received
+        self._finish, self._test = finish, test
+        self._kind = transport.ledger._kind
+        self._seconds = seconds
+        self._done, self._result = False, None
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def test(self) -> bool:
+        if self._done:
+            return True
+        if self._test is None:
+            return False
+        with timed() as t:
+            ready = self._test()
+        self._seconds += t.seconds
+        return ready
+
+    def wait(self):
+        if not self._done:
+            with timed() as t:
+                self._result = self._finish()
+            self._done = True
+            self._transport.ledger.record(self._op, self._sent, self._received,
+                                          self._seconds + t.seconds, kind=self._kind)
+            self._finish = self._test = None
+        return self._result
+
+
+class Transport:
+    """Rank, size and the collectives the vote needs, on 1-D/2-D NumPy, CuPy or torch
+    buffers (the result has the input's kind and device).
+
+    Every collective exists non-blocking, ``start_allgather`` / ``start_alltoall`` /
+    ``start_allreduce`` returning a ``Handle``, and blocking (``allgather`` = start and
+    wait).  ``channel`` (0, 1, 2) keeps independent streams of collectives apart: calls
+    on one channel must be started in the same order on every rank, calls on different
+    channels need not be (MPI: one duplicated communicator per channel; Horovod matches
+    by name).  Subclasses implement ``_start_*`` (or only the blocking ``_*``, which the
+    default ``_start_*`` wraps).  ``agree`` is the consistency check that turns a
+    mismatch or a local failure into an error on every rank instead of a hang."""
 
     name = "abstract"
+    CHANNELS = 3
 
     def __init__(self):
         self.ledger = Ledger()
@@ -44,47 +90,57 @@ class Transport:
     def size(self) -> int:
         raise NotImplementedError
 
-    # -- collectives ----------------------------------------------------------------
-    def allgather(self, buf):
+    # -- non-blocking collectives ---------------------------------------------------
+    def start_allgather(self, buf, *, channel: int = 0, name: str | None = None) -> Handle:
         """(m,) uint8 on every rank -> (n, m): row r is rank r's buffer."""
-        if buf.ndim != 1 or buf.dtype != np.uint8:
-            raise TypeError(f"allgather takes a 1-D uint8 buffer, got {buf.dtype} {buf.shape}")
+        if len(buf.shape) != 1 or not _is_uint8(buf):
+            raise TypeError(f"allgather takes a 1-D uint8 buffer, got {buf.dtype} {tuple(buf.shape)}")
         n, m = self.size, buf.shape[0]
-        with timed() as t:
-            out = self._allgather(buf)
-        self.ledger.record("allgather", (n - 1) * m, (n - 1) * m, t.seconds)
-        return out
+        return self._handle("allgather", (n - 1) * m, (n - 1) * m,
+                            lambda: self._start_allgather(buf, channel, name))
 
-    def alltoall(self, buf):
+    def start_alltoall(self, buf, *, channel: int = 0, name: str | None = None) -> Handle:
         """(n, m) uint8: row j goes to rank j -> (n, m): row j came from rank j."""
         n = self.size
-        if buf.ndim != 2 or buf.shape[0] != n or buf.dtype != np.uint8:
-            raise TypeError(f"alltoall takes an (n={n}, m) uint8 buffer, got {buf.dtype} {buf.shape}")
+        if len(buf.shape) != 2 or buf.shape[0] != n or not _is_uint8(buf):
+            raise TypeError(f"alltoall takes an (n={n}, m) uint8 buffer, got {buf.dtype} {tuple(buf.shape)}")
         m = buf.shape[1]
-        with timed() as t:
-            out = self._alltoall(buf)
-        self.ledger.record("alltoall", (n - 1) * m, (n - 1) * m, t.seconds)
-        return out
+        return self._handle("alltoall", (n - 1) * m, (n - 1) * m,
+                            lambda: self._start_alltoall(buf, channel, name))
 
-    def allreduce(self, buf, op: str = "sum"):
+    def start_allreduce(self, buf, op: str = "sum", *, channel: int = 0,
+                        name: str | None = None) -> Handle:
         """Elementwise reduction of a 1-D numeric buffer over ranks (a new array)."""
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
-        if buf.ndim != 1:
-            raise TypeError(f"allreduce takes a 1-D buffer, got shape {buf.shape}")
+        if len(buf.shape) != 1:
+            raise TypeError(f"allreduce takes a 1-D buffer, got shape {tuple(buf.shape)}")
+        b = ring_allreduce_bytes(_nbytes(buf), self.size)
+        return self._handle(f"allreduce_{op}", b, b,
+                            lambda: self._start_allreduce(buf, op, channel, name))
+
+    def _handle(self, op, sent, received, post):
         with timed() as t:
-            out = self._allreduce(buf, op)
-        b = ring_allreduce_bytes(buf.nbytes, self.size)
-        self.ledger.record(f"allreduce_{op}", b, b, t.seconds)
-        return out
+            finish, test = post()
+        return Handle(self, op, sent, received, finish, test, t.seconds)
+
+    # -- blocking collectives -------------------------------------------------------
+    def allgather(self, buf):
+        return self.start_allgather(buf).wait()
+
+    def alltoall(self, buf):
+        return self.start_alltoall(buf).wait()
+
+    def allreduce(self, buf, op: str = "sum"):
+        return self.start_allreduce(buf, op).wait()
 
     def broadcast(self, buf, root: int = 0):
         """Rank ``root``'s 1-D buffer on every rank (a new array)."""
         n = self.size
         with timed() as t:
             out = self._broadcast(buf, root)
-        sent = (n - 1) * buf.nbytes if self.rank == root else 0
-        received = 0 if self.rank == root else buf.nbytes
+        sent = (n - 1) * _nbytes(buf) if self.rank == root else 0
+        received = 0 if self.rank == root else _nbytes(buf)
         self.ledger.record("broadcast", sent, received, t.seconds)
         return out
 
@@ -93,24 +149,28 @@ class Transport:
         """Check that every rank passes the same ``signature`` (a tuple of ints, strings
         or arrays) and that no rank has an ``error``; one small MAX-allreduce.  Raises
         ``RankMismatchError`` / ``RemoteRankError`` on every rank otherwise."""
-        sig = _signature_words(signature)
-        failed = self.rank + 1 if error else 0
-        words = np.concatenate([sig, -sig, np.array([failed], np.int64)])
-        with self.ledger.kind("control"):
-            top = self.allreduce(words, "max")
-        k = sig.shape[0]
-        bad_rank = int(top[-1]) - 1
-        if bad_rank >= 0:
-            if error:
-                raise RemoteRankError(f"rank {self.rank}: {error}")
-            raise RemoteRankError(f"rank {bad_rank} failed in {what} (its own error says why); "
-                                  f"stopping rank {self.rank} too")
-        if not np.array_equal(top[:k], -top[k:2 * k]):
-            raise RankMismatchError(
-                f"ranks disagree on {what}: rank {self.rank} has {signature!r}; another rank "
-                "passed a different size, dtype or segment layout")
+        self.start_agree(signature, error, what).wait()
 
-    # -- engine hooks -----------------------------------------------------------------
+    def start_agree(self, signature, error: str | None = None, what: str = "this call",
+                    values=None, *, channel: int = 0, name: str | None = None) -> "Agreement":
+        """Non-blocking ``agree``, optionally carrying ``values`` (float64, >= 0, one
+        MAX-allreduce with the check): ``wait()`` raises as ``agree`` does, or returns
+        the elementwise max of ``values`` over ranks."""
+        return Agreement(self, signature, error, what, values, channel, name)
+
+    # -- engine hooks: the default posts a blocking call -------------------------------
+    def _start_allgather(self, buf, channel, name):
+        out = self._allgather(buf)
+        return (lambda: out), (lambda: True)
+
+    def _start_alltoall(self, buf, channel, name):
+        out = self._alltoall(buf)
+        return (lambda: out), (lambda: True)
+
+    def _start_allreduce(self, buf, op, channel, name):
+        out = self._allreduce(buf, op)
+        return (lambda: out), (lambda: True)
+
     def _allgather(self, buf):
         raise NotImplementedError
 
@@ -125,6 +185,53 @@ class Transport:
 
     def barrier(self):
         raise NotImplementedError
+
+
+class Agreement:
+    """One posted agreement: signature words, their negation, the failed rank and the
+    carried values in one float64 MAX-allreduce (signature words are < 2**32, exact)."""
+
+    def __init__(self, transport, signature, error, what, values, channel, name):
+        sig = _signature_words(signature).astype(np.float64)
+        vals = np.zeros(0) if values is None else np.ascontiguousarray(values, np.float64)
+        failed = float(transport.rank + 1) if error else 0.0
+        words = np.concatenate([sig, -sig, [failed], vals])
+        self.transport, self.signature, self.error, self.what = transport, signature, error, what
+        self.k, self.nvals = sig.shape[0], vals.shape[0]
+        with transport.ledger.kind("control"):
+            self.handle = transport.start_allreduce(words, "max", channel=channel, name=name)
+        self._checked = False
+
+    def test(self) -> bool:
+        return self.handle.test()
+
+    def wait(self):
+        top = np.asarray(self.handle.wait())
+        k = self.k
+        if not self._checked:
+            bad_rank = int(top[2 * k]) - 1
+            if bad_rank >= 0:
+                if self.error:
+                    raise RemoteRankError(f"rank {self.transport.rank}: {self.error}")
+                raise RemoteRankError(f"rank {bad_rank} failed in {self.what} (its own error "
+                                      f"says why); stopping rank {self.transport.rank} too")
+            if not np.array_equal(top[:k], -top[k:2 * k]):
+                raise RankMismatchError(
+                    f"ranks disagree on {self.what}: rank {self.transport.rank} has "
+                    f"{self.signature!r}; another rank passed a different size, dtype, "
+                    "layout or setting")
+            self._checked = True
+        return top[2 * k + 1:]
+
+
+def _is_uint8(buf) -> bool:
+    return str(buf.dtype) in ("uint8", "torch.uint8")
+
+
+def _nbytes(buf) -> int:
+    if hasattr(buf, "nbytes"):
+        return int(buf.nbytes)
+    return int(buf.numel() * buf.element_size())  # torch
 
 
 def _signature_words(signature) -> np.ndarray:

@@ -56,36 +56,55 @@ class HorovodTransport(Transport):
     def barrier(self):
         self.hvd.barrier(process_set=self.process_set)
 
+    # -- buffers: torch tensors as they are; NumPy and CuPy through zero-copy views ----
     def _tensor(self, buf):
+        if type(buf).__module__.startswith("torch"):
+            return buf.contiguous(), (lambda t: t)
         if is_cupy(buf):
-            return self.torch.from_dlpack(buf)
-        return self.torch.from_numpy(np.ascontiguousarray(buf))
-
-    @staticmethod
-    def _array(t, like):
-        if is_cupy(like):
             import cupy
-            return cupy.from_dlpack(t)
-        return t.numpy()
+            return self.torch.from_dlpack(buf), cupy.from_dlpack
+        return self.torch.from_numpy(np.ascontiguousarray(buf)), (lambda t: t.numpy())
 
-    def _allgather(self, buf):
-        t = self._tensor(buf).reshape(1, -1)
-        return self._array(self.hvd.allgather(t, process_set=self.process_set), buf)
+    def _name(self, op, channel, name):
+        """Horovod matches async collectives across ranks by name: the caller's, or a
+        per-channel counter (every rank starts a channel's calls in the same order)."""
+        if name is not None:
+            return name
+        counts = self.__dict__.setdefault("_counts", {})
+        k = counts[channel] = counts.get(channel, 0) + 1
+        return f"signcomm.{op}.c{channel}.{k}"
 
-    def _alltoall(self, buf):
+    def _async(self, handle, finish):
+        hvd = self.hvd
+        return (lambda: finish(hvd.synchronize(handle))), (lambda: bool(hvd.poll(handle)))
+
+    def _start_allgather(self, buf, channel, name):
+        t, back = self._tensor(buf)
+        h = self.hvd.allgather_async(t.reshape(1, -1), name=self._name("allgather", channel, name),
+                                     process_set=self.process_set)
+        return self._async(h, back)
+
+    def _start_alltoall(self, buf, channel, name):
         n, m = buf.shape
-        t = self._tensor(buf).reshape(-1)
+        t, back = self._tensor(buf)
         splits = self.torch.full((n,), m, dtype=self.torch.int32)
-        out = self.hvd.alltoall(t, splits=splits, process_set=self.process_set)
-        if isinstance(out, tuple):  # (tensor, received_splits)
-            out = out[0]
-        return self._array(out.reshape(n, m), buf)
+        h = self.hvd.alltoall_async(t.reshape(-1), splits=splits,
+                                    name=self._name("alltoall", channel, name),
+                                    process_set=self.process_set)
 
-    def _allreduce(self, buf, op):
-        t = self._tensor(buf)
-        out = self.hvd.allreduce(t, op=self._ops[op], process_set=self.process_set)
-        return self._array(out, buf)
+        def finish(out):
+            if isinstance(out, tuple):  # (tensor, received_splits)
+                out = out[0]
+            return back(out.reshape(n, m))
+
+        return self._async(h, finish)
+
+    def _start_allreduce(self, buf, op, channel, name):
+        t, back = self._tensor(buf)
+        h = self.hvd.allreduce_async(t, op=self._ops[op], name=self._name(f"allreduce_{op}", channel, name),
+                                     process_set=self.process_set)
+        return self._async(h, back)
 
     def _broadcast(self, buf, root):
-        t = self._tensor(buf)
-        return self._array(self.hvd.broadcast(t, root_rank=root, process_set=self.process_set), buf)
+        t, back = self._tensor(buf)
+        return back(self.hvd.broadcast(t, root_rank=root, process_set=self.process_set))

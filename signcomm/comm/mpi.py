@@ -46,11 +46,15 @@ def install_abort_on_error(comm):
 
 
 class MPITransport(Transport):
-    """Collectives through mpi4py on ``comm`` (default ``MPI.COMM_WORLD``).
+    """Collectives through mpi4py on ``comm`` (default ``MPI.COMM_WORLD``), non-blocking
+    (``Iallgather``/``Ialltoall``/``Iallreduce``; messages above ``max_message_bytes``
+    are split into several).  Each channel is its own duplicate of ``comm``.
 
-    CuPy buffers go straight to MPI when the library reports CUDA support (or
-    ``SIGNCOMM_MPI_CUDA_AWARE=1``); otherwise only the (packed, small) bytes are staged
-    through host memory.  ``abort_on_error`` installs ``install_abort_on_error``."""
+    Buffers: NumPy; torch CPU tensors (zero-copy views); torch CUDA tensors and CuPy
+    arrays go straight to MPI when the library reports CUDA support (or
+    ``SIGNCOMM_MPI_CUDA_AWARE=1``), otherwise only these (packed, small) bytes are
+    staged through pinned host memory.  ``abort_on_error`` installs
+    ``install_abort_on_error``."""
 
     name = "mpi"
 
@@ -62,6 +66,9 @@ class MPITransport(Transport):
         if not MPI.Is_initialized():
             MPI.Init()  # normally done by importing mpi4py.MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
+        # one communicator per channel, so independent streams of non-blocking
+        # collectives never have to be started in one global order (Dup is collective)
+        self.comms = [self.comm] + [self.comm.Dup() for _ in range(self.CHANNELS - 1)]
         self.max_message_bytes = int(max_message_bytes)
         self.cuda_aware = _mpi_cuda_aware(MPI)
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -79,75 +86,108 @@ class MPITransport(Transport):
     def barrier(self):
         self.comm.Barrier()
 
-    # -- staging of GPU buffers -----------------------------------------------------
-    def _host(self, buf):
-        if is_cupy(buf) and not self.cuda_aware:
-            return buf.get(), True
-        return buf, False
-
-    @staticmethod
-    def _back(out, staged):
-        if staged:
+    # -- buffers: what MPI reads and writes, and the result in the caller's kind -------
+    def _stage(self, buf):
+        """(contiguous array MPI can use, empty(shape, like) for outputs, back(out))."""
+        if _is_torch(buf):
+            import torch
+            t = buf.contiguous()
+            if t.device.type == "cpu":
+                return t.numpy(), _np_empty, torch.from_numpy
+            if self.cuda_aware:
+                torch.cuda.current_stream(t.device).synchronize()  # the bytes are written
+                return t, lambda shape, a: torch.empty(shape, dtype=a.dtype, device=a.device), \
+                    lambda out: out
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t)
+            return host.numpy(), _np_empty, \
+                lambda out: torch.from_numpy(out).to(t.device, non_blocking=True)
+        if is_cupy(buf):
+            if self.cuda_aware:
+                import cupy
+                cupy.cuda.get_current_stream().synchronize()
+                return buf, lambda shape, a: cupy.empty(shape, a.dtype), lambda out: out
             import cupy
-            return cupy.asarray(out)
-        return out
+            return buf.get(), _np_empty, cupy.asarray
+        return np.ascontiguousarray(buf), _np_empty, lambda out: out
 
-    def _empty(self, like, shape, dtype=None):
-        if is_cupy(like):
-            import cupy
-            return cupy.empty(shape, dtype or like.dtype)
-        return np.empty(shape, dtype or like.dtype)
+    def _post(self, parts, finish):
+        """(finish, test) of a list of MPI requests; ``finish`` runs after all completed."""
+        MPI = self.MPI
+
+        def wait():
+            MPI.Request.Waitall(parts)
+            return finish()
+
+        return wait, (lambda: bool(MPI.Request.Testall(parts)))
 
     # -- collectives, split into messages of at most max_message_bytes -----------------
-    def _allgather(self, buf):
-        buf, staged = self._host(np.ascontiguousarray(buf) if not is_cupy(buf) else buf)
-        n, m = self.size, buf.shape[0]
-        out = self._empty(buf, (n, m))
+    def _start_allgather(self, buf, channel, name):
+        a, empty, back = self._stage(buf)
+        comm = self.comms[channel]
+        n, m = self.size, a.shape[0]
+        out = empty((n, m), a)
         step = max(1, self.max_message_bytes)
         if m <= step:
-            self.comm.Allgather(buf, out)
-        else:
-            tmp = self._empty(buf, (n, step))
-            for a in range(0, m, step):
-                b = min(a + step, m)
-                part = tmp[:, : b - a] if b - a == step else self._empty(buf, (n, b - a))
-                self.comm.Allgather(np.ascontiguousarray(buf[a:b]), part)
-                out[:, a:b] = part
-        return self._back(out, staged)
+            return self._post([comm.Iallgather(a, out)], lambda: back(out))
+        reqs, pieces = [], []
+        for lo in range(0, m, step):
+            hi = min(lo + step, m)
+            part = empty((n, hi - lo), a)
+            reqs.append(comm.Iallgather(a[lo:hi], part))
+            pieces.append((lo, hi, part))
+        return self._post(reqs, lambda: back(_assemble(out, pieces)))
 
-    def _alltoall(self, buf):
-        buf, staged = self._host(buf)
-        n, m = buf.shape
-        out = self._empty(buf, (n, m))
+    def _start_alltoall(self, buf, channel, name):
+        a, empty, back = self._stage(buf)
+        comm = self.comms[channel]
+        n, m = a.shape
+        out = empty((n, m), a)
         step = max(1, self.max_message_bytes // max(n, 1))
         if m <= step:
-            self.comm.Alltoall(np.ascontiguousarray(buf), out)
-        else:
-            for a in range(0, m, step):
-                b = min(a + step, m)
-                part = self._empty(buf, (n, b - a))
-                self.comm.Alltoall(np.ascontiguousarray(buf[:, a:b]), part)
-                out[:, a:b] = part
-        return self._back(out, staged)
+            return self._post([comm.Ialltoall(a, out)], lambda: back(out))
+        reqs, pieces = [], []
+        for lo in range(0, m, step):
+            hi = min(lo + step, m)
+            part = empty((n, hi - lo), a)
+            send = a[:, lo:hi]
+            send = send.contiguous() if _is_torch(send) else np.ascontiguousarray(send)
+            reqs.append(comm.Ialltoall(send, part))
+            pieces.append((lo, hi, part, send))
+        return self._post(reqs, lambda: back(_assemble(out, [p[:3] for p in pieces])))
 
-    def _allreduce(self, buf, op):
-        buf, staged = self._host(buf)
-        buf = np.ascontiguousarray(buf)
-        out = np.empty_like(buf)
-        step = max(1, self.max_message_bytes // max(buf.itemsize, 1))
-        for a in range(0, max(buf.shape[0], 1), step):
-            b = min(a + step, buf.shape[0])
-            self.comm.Allreduce(buf[a:b], out[a:b], op=self._ops[op])
-        return self._back(out, staged)
+    def _start_allreduce(self, buf, op, channel, name):
+        a, empty, back = self._stage(buf)
+        comm = self.comms[channel]
+        out = empty(a.shape, a)
+        step = max(1, self.max_message_bytes // max(a.itemsize if hasattr(a, "itemsize")
+                                                    else a.element_size(), 1))
+        reqs = [comm.Iallreduce(a[lo:lo + step], out[lo:lo + step], op=self._ops[op])
+                for lo in range(0, max(a.shape[0], 1), step)]
+        return self._post(reqs, lambda: back(out))
 
     def _broadcast(self, buf, root):
-        buf, staged = self._host(buf)
-        out = np.array(buf, copy=True, order="C")
-        flat = out.reshape(-1).view(np.uint8)
+        a, _, back = self._stage(buf)
+        out = a.clone() if _is_torch(a) else np.array(a, copy=True, order="C")
+        flat = out.reshape(-1).view(np.uint8) if not _is_torch(out) else out.reshape(-1)
         step = max(1, self.max_message_bytes)
-        for a in range(0, max(flat.shape[0], 1), step):
-            self.comm.Bcast(flat[a:a + step], root=root)
-        return self._back(out, staged)
+        for lo in range(0, max(flat.shape[0], 1), step):
+            self.comm.Bcast(flat[lo:lo + step], root=root)
+        return back(out)
+
+
+def _np_empty(shape, like):
+    return np.empty(shape, like.dtype)
+
+
+def _assemble(out, pieces):
+    for lo, hi, part in pieces:
+        out[:, lo:hi] = part
+    return out
+
+
+def _is_torch(buf) -> bool:
+    return type(buf).__module__.startswith("torch")
 
 
 def _mpi_cuda_aware(MPI) -> bool:

@@ -4,7 +4,9 @@ from .bits import (BITORDER, check_packed, clear_padding, pack_bits, packed_nbyt
                    unpack_bits, unpack_signs)
 from .ops import (TIE_RULES, VARIANTS, NonFiniteError, Vote, count_field_bits,
                   count_field_words, majority_vote, pack_count_fields, pack_signs,
-                  stochastic_sign_pack, unpack_count_fields, vote_counts, vote_from_counts)
+                  stochastic_sign_pack, unpack_count_fields, vote_counts, vote_from_counts,
+                  vote_values)
+from .rules import VoteRule
 from .rng import (Purpose, coin_bits, key64, random_words, stream_id, tie_coin_bits,
                   uniform)
 from .xp import array_module, cupy_available
@@ -14,6 +16,7 @@ __all__ = [
     "unpack_signs", "TIE_RULES", "VARIANTS", "NonFiniteError", "Vote", "count_field_bits",
     "count_field_words", "majority_vote", "pack_count_fields", "pack_signs",
     "stochastic_sign_pack", "unpack_count_fields", "vote_counts", "vote_from_counts",
+    "vote_values", "VoteRule",
     "Purpose", "coin_bits", "key64", "random_words", "stream_id", "tie_coin_bits", "uniform",
     "array_module", "cupy_available",
 ]

@@ -527,6 +527,18 @@ def vote_s1(g, nbytes, d, key, offset, out):
     return 0
 
 
+@jit
+def vote_values(bits, nonzero, has_nonzero, d, out):
+    """Packed vote bits (1 = +1, 0 = -1) -> out[i] = +1.0 / -1.0, times the bit of the
+    packed ``nonzero`` mask when there is one (+-0.0 for a tie under the "zero" rule,
+    the signs torch's decoded floats have).  ``out`` is float32; one pass."""
+    for i in range(d):
+        v = np.float32(2 * ((bits[i >> 3] >> (i & 7)) & 1) - 1)
+        if has_nonzero:
+            v *= np.float32((nonzero[i >> 3] >> (i & 7)) & 1)
+        out[i] = v
+
+
 # ---------------------------------------------------------------------------------------
 # count fields for the packed-count allreduce
 

@@ -9,10 +9,8 @@ import numpy as np
 
 from . import _cpu, reference
 from .bits import BITORDER, check_packed, clear_padding, packed_nbytes
+from .rules import TIE_RULES, VARIANTS, VoteRule  # noqa: F401  (re-exported)
 from .xp import array_module, is_cupy
-
-TIE_RULES = ("coin", "zero")
-VARIANTS = ("v1", "v2")
 
 
 class NonFiniteError(ValueError):
@@ -135,30 +133,40 @@ class Vote:
     nonzero: object = None
 
     def values(self, d: int, dtype=np.float32):
-        """+1/-1 (and 0 for ties under "zero") as a float array of length d."""
-        xp = array_module(self.bits)
-        check_packed(self.bits, d, "bits")
-        o = xp.unpackbits(self.bits[: packed_nbytes(d)], bitorder=BITORDER)[:d].astype(dtype) * 2 - 1
-        if self.nonzero is not None:
-            o *= xp.unpackbits(self.nonzero[: packed_nbytes(d)], bitorder=BITORDER)[:d].astype(dtype)
+        """+1/-1 (and 0 for ties under "zero") as a float array of length d
+        (``vote_values``, the one decode)."""
+        return vote_values(self, d, dtype=dtype)
+
+
+def vote_values(vote: Vote, d: int, *, out=None, dtype=np.float32):
+    """The one decode of a packed vote to floats: +1 where a bit is 1, -1 where it is 0,
+    times the ``nonzero`` bit when the vote has a tie mask (0 for a tie under "zero").
+    NumPy: one numba pass into ``out`` (float32, made if None); CuPy: array ops."""
+    check_packed(vote.bits, d, "bits")
+    if vote.nonzero is not None:
+        check_packed(vote.nonzero, d, "nonzero")
+    if is_cupy(vote.bits):
+        xp = array_module(vote.bits)
+        o = xp.unpackbits(vote.bits[: packed_nbytes(d)], bitorder=BITORDER)[:d].astype(dtype) * 2 - 1
+        if vote.nonzero is not None:
+            o *= xp.unpackbits(vote.nonzero[: packed_nbytes(d)], bitorder=BITORDER)[:d].astype(dtype)
         return o
+    if out is None:
+        out = np.empty(d, np.float32)
+    nz = vote.nonzero
+    _cpu.vote_values(vote.bits, nz if nz is not None else np.zeros(0, np.uint8),
+                     nz is not None, d, out)
+    return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
 
 
-def _check_rule(variant, tie, key):
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if tie not in TIE_RULES:
-        raise ValueError(f"tie must be one of {TIE_RULES}, got {tie!r}")
-    if (variant == "v2" or tie == "coin") and key is None:
-        raise ValueError(f"variant={variant!r} with tie={tie!r} draws shared random bits: pass key")
-
-
-def _mode(variant, tie):
-    return 2 if variant == "v2" else (0 if tie == "coin" else 1)
+def _rule(rule, variant, tie, key) -> VoteRule:
+    rule = VoteRule.of(rule, variant=variant, tie=tie)
+    rule.check_key(key)
+    return rule
 
 
 def majority_vote(gathered, d: int, *, variant: str = "v1", tie: str = "coin",
-                  key: Optional[int] = None, offset: int = 0) -> Vote:
+                  key: Optional[int] = None, offset: int = 0, rule: VoteRule = None) -> Vote:
     """The vote over n gathered packed vectors (rows of ``gathered``, shape (n, bytes)).
 
     With c the number of +1 bits at a coordinate, a = (2c - n) / n:
@@ -168,15 +176,16 @@ def majority_vote(gathered, d: int, *, variant: str = "v1", tie: str = "coin",
     - v2 (eq. 11): o = S_1(a), +1 with probability c / n, drawn from ``key``.
     ``key`` must be the same on every rank (the shared stream) so every rank gets the
     same o; positions are ``offset + i``.  CPU: bit-sliced popcount (numba).
+    ``rule`` (a ``VoteRule``) replaces ``variant`` and ``tie`` when given.
     """
     _check_gathered(gathered, d)
-    _check_rule(variant, tie, key)
+    rule = _rule(rule, variant, tie, key)
+    variant, tie = rule.variant, rule.tie
     n = gathered.shape[0]
     nbytes = packed_nbytes(d)
     g = gathered[:, :nbytes]
     if is_cupy(g) or (variant == "v2" and n >= 256):
-        return vote_from_counts(vote_counts(g, d), n, variant=variant, tie=tie, key=key,
-                                offset=offset)
+        return vote_from_counts(vote_counts(g, d), n, rule=rule, key=key, offset=offset)
     out = np.empty(nbytes, np.uint8)
     if variant == "v2":  # fused counts + S_1, same bits as vote_from_counts(vote_counts())
         _cpu.vote_s1(_cpu_rows(gathered, nbytes), nbytes, d, np.uint64(key), offset, out)
@@ -203,14 +212,13 @@ def vote_counts(gathered, d: int):
 
 
 def vote_from_counts(counts, n: int, *, variant: str = "v1", tie: str = "coin",
-                     key: Optional[int] = None, offset: int = 0) -> Vote:
+                     key: Optional[int] = None, offset: int = 0, rule: VoteRule = None) -> Vote:
     """The vote of ``majority_vote`` from per-coordinate counts c (0 <= c <= n)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    _check_rule(variant, tie, key)
+    mode = _rule(rule, variant, tie, key).mode
     if counts.ndim != 1:
         raise ValueError(f"counts must be 1-D, got shape {counts.shape}")
-    mode = _mode(variant, tie)
     if is_cupy(counts):
         bits, nonzero = reference.decide_from_counts(counts, n, mode, key, offset)
     else:

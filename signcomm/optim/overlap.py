@@ -1,12 +1,21 @@
 """Overlap: vote on a bucket while backward is still computing the earlier layers.
 
 A post-accumulate-grad hook on every parameter counts the ready gradients of each
-bucket.  Buckets are voted strictly in reverse order (the last layers' gradients are
-ready first), one at a time on a single worker thread, so every rank issues the same
-collectives in the same order.  ``step()`` then votes whatever was not started, waits,
-and applies the updates.  Momentum is written to the bucket's other momentum buffer and
-committed only when every bucket succeeded, so an error (NaN, mismatch) still leaves
-nothing updated.
+bucket.  When a bucket is complete (buckets complete in reverse order: the last layers'
+gradients are ready first), the hook runs its momentum pass and posts its control
+collective (agreement + shared-R maxima), non-blocking; later hooks post each bucket's
+vote as soon as its control has arrived.  Nothing blocks during backward and no thread
+is involved: the collectives run in the transport's background (Horovod's thread, or
+MPI's progress, which the hooks' ``test`` calls drive).  ``step()`` then posts whatever
+was not started, waits, and applies the updates.  Momentum is written to the bucket's
+spare buffer and committed only when every bucket succeeded, so an error (NaN,
+mismatch) still leaves nothing updated.
+
+Ordering: each channel's collectives are started in bucket order on every rank (control
+on channel 0, vote rounds on channels 1 and 2), whatever the timing, so ranks always
+match.  A bucket's vote needs its control result first (the shared R of its tensors),
+so the overlapped step makes one small control allreduce per bucket; the synchronous
+step makes one per step.
 
 The layout is the one the synchronous path uses when every parameter has a gradient,
 with the same random-stream positions, so overlap changes timing, never results.
@@ -17,34 +26,25 @@ Overlap votes on each gradient as backward accumulates it: changes made to ``.gr
 between ``backward()`` and ``step()`` (clipping, rescaling) are not seen, as with
 Horovod's overlapped allreduce.  Use the synchronous path (the default) for those.
 
-The hooks hold the engine, and the engine the optimizer, only weakly: dropping the
-optimizer (or calling its ``close()``) removes the hooks, so a model can outlive it."""
+The hooks hold this object, and it the optimizer, only weakly: dropping the optimizer
+(or calling its ``close()``) removes the hooks, so a model can outlive it."""
 from __future__ import annotations
 
-import threading
-import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
-
-from .buckets import plan_buckets
 
 
 class OverlapEngine:
     def __init__(self, opt):
         self._opt = weakref.ref(opt)
-        self.entries = opt._present(require_grad=False)
-        self.buckets = plan_buckets([p for _, p, _ in self.entries], opt.bucket_elements)
+        self.entries = opt.entries(require_grad=False)
+        self.layout = opt.engine.layout_for([p for _, p, _ in self.entries])
         self.bucket_of, self.slices, first = {}, [], 0
-        for i, b in enumerate(self.buckets):
+        for i, b in enumerate(self.layout.buckets):
             self.slices.append(slice(first, first + len(b.params)))
             for p in b.params:
                 self.bucket_of[id(p)] = i
             first += len(b.params)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="signcomm-overlap")
-        self.lock = threading.Lock()
-        self.futures = {}
-        self.ready = [0] * len(self.buckets)
-        self.next = len(self.buckets) - 1
+        self._clear()
         engine = weakref.ref(self)
 
         def hook(p):
@@ -52,8 +52,15 @@ class OverlapEngine:
             if live is not None:
                 live._hook(p)
 
-        self.handles = [p.register_post_accumulate_grad_hook(hook) for _, p, _ in self.entries]
-        self._finalizer = weakref.finalize(self, _release, self.handles, self.executor)
+        handles = [p.register_post_accumulate_grad_hook(hook) for _, p, _ in self.entries]
+        self._finalizer = weakref.finalize(self, _release, handles)
+
+    def _clear(self):
+        n = len(self.layout.buckets)
+        self.ready = [0] * n
+        self.next = n - 1            # the next bucket to prepare (reverse order)
+        self.order = []              # buckets prepared, in the order they were
+        self.prepared, self.controls, self.errors = {}, {}, {}
 
     @property
     def opt(self):
@@ -63,85 +70,96 @@ class OverlapEngine:
         return opt
 
     @property
-    def present(self):
-        return self.entries
+    def started(self) -> bool:
+        return bool(self.order)
 
     def matches(self, present) -> bool:
         return [id(p) for _, p, _ in present] == [id(p) for _, p, _ in self.entries]
 
+    # -- during backward -------------------------------------------------------------------
     def _hook(self, p):
-        with self.lock:
-            i = self.bucket_of.get(id(p))
-            if i is None:
-                return
-            self.ready[i] += 1
-            self._submit_ready(force=False)
-
-    def _submit_ready(self, force):
-        while self.next >= 0 and (force or self.ready[self.next] >= len(self.buckets[self.next].params)):
-            self.futures[self.next] = self.executor.submit(self._job, self.next)
+        i = self.bucket_of.get(id(p))
+        if i is None:
+            return
+        self.ready[i] += 1
+        while self.next >= 0 and self.ready[self.next] >= len(self.layout.buckets[self.next].params):
+            self._prepare(self.next)
             self.next -= 1
+        self._progress(block=False)
 
-    def _job(self, i):
-        opt, step = self.opt, self.opt._step
-        if i == len(self.buckets) - 1:
-            opt.transport.ledger.begin_step(step)
+    def _prepare(self, i):
+        opt = self.opt
+        if not self.order:
+            opt.transport.ledger.begin_step(opt.engine.step)
         entries = self.entries[self.slices[i]]
-        t0 = time.perf_counter()
-        flat, vmax, bad = opt._prepare(opt._momenta(self.buckets), i, entries)
-        prepare_s = time.perf_counter() - t0
-        opt._agree(step, entries, f"bucket {i}", bad)
-        vote, clamped, compress_s, vote_s = opt._vote_bucket(step, self.buckets[i], flat,
-                                                             opt._resolve_r(vmax))
-        return vote, clamped, prepare_s + compress_s, vote_s
+        prepared = opt.prepare_bucket(self.layout, i, entries)
+        self.prepared[i] = prepared
+        self.controls[i] = opt.engine.start_control(
+            self.layout, [prepared], opt.signature(entries),
+            f"bucket {i} of optimizer step {opt.engine.step} (parameter layout, settings and "
+            "gradients)", name=f"signcomm.ctrl.b{i}")
+        self.order.append(i)
 
-    def _drain(self):
-        """Wait for every started job; return results by bucket and the first error."""
-        results, error = {}, None
-        for i in sorted(self.futures, reverse=True):
-            try:
-                results[i] = self.futures[i].result()
-            except BaseException as exc:  # noqa: BLE001  re-raised by the caller
-                error = error or exc
-        return results, error
+    def _progress(self, block):
+        """Post what can be posted, in bucket order per channel; ``block``: to the end."""
+        engine = self.opt.engine
+        prev = None   # the previous bucket in order: its rounds are posted first
+        for i in self.order:
+            p = self.prepared[i]
+            if p.handle is None and i not in self.errors:
+                if prev is not None and not self._posted(prev, 1):
+                    break
+                if not (block or self.controls[i].test()):
+                    break
+                try:
+                    maxima = self.controls[i].wait()
+                except Exception as exc:  # noqa: BLE001  raised by finish(), on every rank
+                    self.errors[i] = exc
+                    prev = i
+                    continue
+                engine.start(self.layout, p, engine.resolve_r([p], maxima)[0])
+            h = p.handle
+            while h is not None and not h.done:
+                ahead = self.prepared[prev].handle if prev is not None else None
+                may = ahead is None or ahead.done or ahead.posted > h.posted
+                if not may or not (block or h.ready()):
+                    break
+                h.advance()
+            prev = i
+
+    def _posted(self, i, rounds):
+        h = self.prepared[i].handle
+        return i in self.errors or (h is not None and (h.done or h.posted >= rounds))
+
+    # -- in step() ---------------------------------------------------------------------------
+    def finish(self):
+        """Prepare the buckets not started yet, wait for every vote; returns (layout,
+        slices, prepared in bucket order).  Raises the first error (on every rank)."""
+        while self.next >= 0:
+            self._prepare(self.next)
+            self.next -= 1
+        try:
+            self._progress(block=True)
+            if self.errors:
+                raise self.errors[max(self.errors)]
+            return self.layout, self.slices, [self.prepared[i] for i in range(len(self.slices))]
+        finally:
+            self._clear()
 
     def reset(self):
-        """Forget this step's progress (waiting for started jobs first)."""
-        with self.lock:
-            self._drain()
-            self.futures = {}
-            self.ready = [0] * len(self.buckets)
-            self.next = len(self.buckets) - 1
-
-    def finish(self, step):
-        """Vote the buckets not started yet, wait, commit momentum; returns (votes in
-        bucket order, clamped, compress_s, vote_s)."""
-        with self.lock:
-            self._submit_ready(force=True)
-            results, error = self._drain()
-            self.futures = {}
-            self.ready = [0] * len(self.buckets)
-            self.next = len(self.buckets) - 1
-        if error is not None:
-            raise error
-        votes, clamped, compress_s, vote_s = [], 0, 0.0, 0.0
-        mom = self.opt._momenta(self.buckets)
-        for i in range(len(self.buckets)):
-            vote, c, cs, vt = results[i]
-            self.opt._commit(mom, i, self.entries[self.slices[i]])
-            votes.append(vote)
-            clamped, compress_s, vote_s = clamped + c, compress_s + cs, vote_s + vt
-        return votes, clamped, compress_s, vote_s
+        """Forget this step's progress (finishing what was posted, so ranks stay matched)."""
+        if self.order:
+            try:
+                self._progress(block=True)
+            finally:
+                self._clear()
 
     def close(self):
-        """Wait for started jobs, remove the hooks, stop the worker thread."""
-        with self.lock:
-            self._drain()
-            self.futures = {}
+        """Finish posted collectives, remove the hooks."""
+        self.reset()
         self._finalizer()
 
 
-def _release(handles, executor):
+def _release(handles):
     for h in handles:
         h.remove()
-    executor.shutdown(wait=False)

@@ -45,7 +45,7 @@ def run(variant, overlap, steps=6):
     except Exception as exc:  # noqa: BLE001
         err = f"{type(exc).__name__}: {exc}"
     after = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
-    return before.numpy(), torch.equal(before, after), err, len(opt._layout(opt._present())) if not overlap else len(opt._overlap.buckets)
+    return before.numpy(), torch.equal(before, after), err, len(opt.engine.layout.buckets)
 
 
 def hooks_after_drop():
