@@ -22,7 +22,9 @@ and transport are interleaved (repeat i runs each of them once), so that a swing
 load of a shared machine hits them alike.  Bytes sent and
 received per rank come from the transport's ledger (the bytes a bandwidth-optimal
 algorithm moves for this rank, see ``signcomm/comm/ledger.py``); the fp32 baseline's are
-a ring allreduce's, ``2 (n-1)/n * 4d``, and fp16's ``2 (n-1)/n * 2d``.
+a ring allreduce's, ``2 (n-1)/n * 4d``, and fp16's ``2 (n-1)/n * 2d``
+(``signcomm.comm.ring_allreduce_bytes``).  The timing loop, byte formulas and baselines
+are ``benchmarks/common.py``'s; schedule, variant and tie names are the library's.
 
 All MPI measurements run before ``hvd.init()``: Horovod's background thread wakes every
 cycle to coordinate, which on a few shared cores would slow the mpi4py numbers down.
@@ -44,16 +46,14 @@ import time
 import zlib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from common import (ROOT, Method, fp32_allreduce_bytes, hvd_allreduce, interleave,
+                    mpi_fp32_allreduce, pin_threads, random_packed, threads_per_rank,
+                    vote_vocabulary)
 
 T0 = time.perf_counter()
-SCHEDULES = ("allgather", "sharded", "allreduce")
-VARIANTS = ("v1", "v2")
 NAMES = {1_000_000: "1M", 11_700_000: "ResNet-18", 25_600_000: "ResNet-50"}
-#: Targets of issue 3: bytes per rank at most 1/25 of the fp32 allreduce's; the sharded
-#: schedule for every n, the allgather schedule for n <= 8.
+#: Targets: bytes per rank at most 1/25 of the fp32 allreduce's; the sharded schedule for
+#: every n, the allgather schedule for n <= 8.
 TARGET_RATIO = 1 / 25
 TARGETS = {"sharded": None, "allgather": 8}  # schedule -> largest n the target covers
 
@@ -79,9 +79,10 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
     ap.add_argument("--transports", default="mpi,horovod",
                     help="comma-separated; horovod is skipped (with a note) when it does not import")
-    ap.add_argument("--schedules", default=",".join(SCHEDULES))
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--tie", default="coin", choices=("coin", "zero"))
+    ap.add_argument("--schedules", default=None,
+                    help="comma-separated signcomm.vote.SCHEDULES names (default all)")
+    ap.add_argument("--variants", default=None, help="comma-separated (default v1,v2)")
+    ap.add_argument("--tie", default="coin", help="the v1 tie rule (default coin)")
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 when a target check FAILs or bytes differ from the prediction")
     ap.add_argument("--report", nargs="+", metavar="JSON",
@@ -91,14 +92,9 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     a.ds = [parse_size(x) for x in a.d.split(",") if x.strip()]
     a.transports = [x.strip() for x in a.transports.split(",") if x.strip()]
-    a.schedules = [x.strip() for x in a.schedules.split(",") if x.strip()]
-    a.variants = [x.strip() for x in a.variants.split(",") if x.strip()]
-    for s in a.schedules:
-        if s not in SCHEDULES:
-            ap.error(f"unknown schedule {s!r}")
-    for v in a.variants:
-        if v not in VARIANTS:
-            ap.error(f"unknown variant {v!r}")
+    a.schedules = [x.strip() for x in a.schedules.split(",") if x.strip()] if a.schedules else None
+    a.variants = [x.strip() for x in a.variants.split(",") if x.strip()] if a.variants else None
+    a.error = ap.error  # check_names runs later: the library's names load numba
     for t in a.transports:
         if t not in ("mpi", "horovod"):
             ap.error(f"unknown transport {t!r}")
@@ -107,16 +103,21 @@ def parse_args(argv=None):
     return a
 
 
+def check_names(a):
+    """Fill in and check the schedule, variant and tie names against the library's (after
+    ``pin_threads``: importing them loads numba)."""
+    schedules, variants, ties = vote_vocabulary()
+    a.schedules = a.schedules or list(schedules)
+    a.variants = a.variants or list(variants)
+    for kind, names, known in (("schedule", a.schedules, schedules),
+                               ("variant", a.variants, variants), ("tie", [a.tie], ties)):
+        for x in names:
+            if x not in known:
+                a.error(f"unknown {kind} {x!r} (choose from {', '.join(known)})")
+
+
 # ---------------------------------------------------------------------------------------
 # measuring
-
-class Method:
-    """One thing to time: ``fn(i)`` with untimed ``before(i)`` / ``after(i)`` hooks."""
-
-    def __init__(self, fn, before=None, after=None):
-        self.fn, self.before, self.after = fn, before, after
-        self.times = []
-
 
 class Bench:
     def __init__(self, comm, MPI, repeat, warmup):
@@ -124,43 +125,21 @@ class Bench:
         self.repeat, self.warmup = repeat, warmup
 
     def run(self, methods):
-        """Time every method ``warmup + repeat`` times, interleaved: repeat i runs each
-        method once (the starting method rotates with i), so a swing in the machine's load
-        hits all methods alike.  Before each timed call all ranks meet at a barrier; a
-        call's time is the slowest rank's.  Fills ``method.times`` (timed repeats only)."""
-        methods = list(methods)
-        for i in range(self.warmup + self.repeat):
-            k = i % len(methods)
-            for m in methods[k:] + methods[:k]:
-                if m.before:
-                    m.before(i)
-                self.comm.Barrier()
-                t0 = time.perf_counter()
-                m.fn(i)
-                dt = time.perf_counter() - t0
-                dt = self.comm.allreduce(dt, op=self.MPI.MAX)
-                if m.after:
-                    m.after(i)
-                if i >= self.warmup:
-                    m.times.append(dt)
+        """``common.interleave``: every method ``warmup + repeat`` times, in turns (the
+        first method rotates with the repeat), all ranks at a barrier before each call, a
+        call's time the slowest rank's.  Fills ``method.times`` (timed repeats only)."""
+        interleave(methods, self.repeat, self.warmup, barrier=self.comm.Barrier,
+                   allmax=lambda dt: self.comm.allreduce(dt, op=self.MPI.MAX), rotate=True)
 
     def max_min(self, value):
         return (self.comm.allreduce(value, op=self.MPI.MAX),
                 self.comm.allreduce(value, op=self.MPI.MIN))
 
 
-def ring_bytes(nbytes, n):
-    from signcomm.comm import ring_allreduce_bytes
-    return ring_allreduce_bytes(nbytes, n)
-
-
-def random_packed(d, rank):
+def packed_bits(d, rank):
+    """This rank's packed bits to vote on (uniform random, a fixed seed per rank)."""
     import numpy as np
-
-    from signcomm import kernels as K
-    packed = np.random.default_rng(1000 + rank).integers(0, 256, K.packed_nbytes(d), dtype=np.uint8)
-    K.clear_padding(packed, d)
-    return packed
+    return random_packed(d, np.random.default_rng(1000 + rank))
 
 
 class VoteMethod(Method):
@@ -236,18 +215,17 @@ def run_mpi(bench, args, n, rank):
     import numpy as np
 
     from signcomm.comm import get_transport
-    MPI, comm = bench.MPI, bench.comm
+    comm = bench.comm
     transport = get_transport("mpi")
     records = []
     for d in args.ds:
         x = np.random.default_rng(rank).standard_normal(d, dtype=np.float32)
-        y = np.empty_like(x)
-        fp32 = Method(lambda i: comm.Allreduce(x, y, op=MPI.SUM))
-        votes = vote_methods(transport, "mpi", d, random_packed(d, rank), args)
+        fp32 = Method(mpi_fp32_allreduce(comm, x))
+        votes = vote_methods(transport, "mpi", d, packed_bits(d, rank), args)
         bench.run([fp32] + votes)
-        records.append(baseline_record("fp32_allreduce", "mpi", n, d, fp32, ring_bytes(4 * d, n)))
+        records.append(baseline_record("fp32_allreduce", "mpi", n, d, fp32, fp32_allreduce_bytes(d, n)))
         records += [v.record(bench) for v in votes]
-        del x, y, votes
+        del x, fp32, votes
         say(comm, f"  mpi     d={d:>11,}: done at {time.perf_counter() - T0:.1f} s")
     return records
 
@@ -259,7 +237,7 @@ def init_horovod(comm, MPI):
     try:
         import horovod.torch as hvd  # noqa: F811
         import torch
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.Get_size()))
+        torch.set_num_threads(threads_per_rank(comm.Get_size()))
         hvd.init()
         if hvd.size() != comm.Get_size() or hvd.rank() != comm.Get_rank():
             why = (f"Horovod sees rank {hvd.rank()} of {hvd.size()}, MPI rank "
@@ -281,13 +259,14 @@ def run_horovod(bench, args, n, rank, hvd):
     records = []
     for d in args.ds:
         xt = torch.from_numpy(np.random.default_rng(rank).standard_normal(d, dtype=np.float32))
-        fp32 = Method(lambda i: hvd.allreduce(xt, op=hvd.Sum, name=f"bench.fp32.{d}"))
-        fp16 = Method(lambda i: hvd.allreduce(xt, op=hvd.Sum, name=f"bench.fp16.{d}",
-                                              compression=hvd.Compression.fp16))
-        votes = vote_methods(transport, "horovod", d, random_packed(d, rank), args)
+        fp32 = Method(hvd_allreduce(hvd, xt, f"bench.fp32.{d}"))
+        fp16 = Method(hvd_allreduce(hvd, xt, f"bench.fp16.{d}", compression=hvd.Compression.fp16))
+        votes = vote_methods(transport, "horovod", d, packed_bits(d, rank), args)
         bench.run([fp32, fp16] + votes)
-        records.append(baseline_record("fp32_allreduce", "horovod", n, d, fp32, ring_bytes(4 * d, n)))
-        records.append(baseline_record("fp16_allreduce", "horovod", n, d, fp16, ring_bytes(2 * d, n)))
+        records.append(baseline_record("fp32_allreduce", "horovod", n, d, fp32,
+                                       fp32_allreduce_bytes(d, n)))
+        records.append(baseline_record("fp16_allreduce", "horovod", n, d, fp16,
+                                       fp32_allreduce_bytes(d, n, itemsize=2)))
         records += [v.record(bench) for v in votes]
         del xt, votes
         say(bench.comm, f"  horovod d={d:>11,}: done at {time.perf_counter() - T0:.1f} s")
@@ -310,7 +289,7 @@ def warm_kernels(comm):
             key = K.key64(0, 1, 0)
             for n in (2, 3):
                 g = np.zeros((n, 10), np.uint8)
-                for variant in VARIANTS:
+                for variant in vote_vocabulary()[1]:
                     K.majority_vote(g, 77, variant=variant, key=key)
                     K.vote_from_counts(K.vote_counts(g, 77), n, variant=variant, key=key)
                 K.unpack_count_fields(K.pack_count_fields(g[0], 77, 2), 77, 2)
@@ -349,7 +328,7 @@ def annotate(records):
 
     for r in records:
         d, n = r["d"], r["n"]
-        fp32_bytes, fp16_bytes = ring_bytes(4 * d, n), ring_bytes(2 * d, n)
+        fp32_bytes, fp16_bytes = fp32_allreduce_bytes(d, n), fp32_allreduce_bytes(d, n, itemsize=2)
         r["fp32_allreduce_bytes"] = fp32_bytes
         r["fp16_allreduce_bytes"] = fp16_bytes
         r["fp32_mpi_allreduce_seconds"] = sec("fp32_allreduce", "mpi", d)
@@ -474,7 +453,8 @@ def title(n, d):
 
 
 def _sorted(records):
-    order = {"fp32_allreduce": 0, "fp16_allreduce": 1, "allgather": 2, "sharded": 3, "allreduce": 4}
+    order = {"fp32_allreduce": 0, "fp16_allreduce": 1}
+    order.update({s: 2 + k for k, s in enumerate(vote_vocabulary()[0])})
     return sorted(records, key=lambda r: (r["kind"] != "baseline", order.get(r["schedule"], 9),
                                           r["transport"] != "mpi", r["variant"] or ""))
 
@@ -511,7 +491,7 @@ def report(paths, full=False):
         n = records[0]["n"]
         if full:
             for d in sorted({r["d"] for r in records}):
-                print(f"**{title(n, d)}**; fp32 ring allreduce: {ring_bytes(4 * d, n):,} B per rank "
+                print(f"**{title(n, d)}**; fp32 ring allreduce: {fp32_allreduce_bytes(d, n):,} B per rank "
                       "each way\n")
                 print(md_table(records, d) + "\n")
         else:
@@ -532,9 +512,8 @@ def main(argv=None):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     n, rank = comm.Get_size(), comm.Get_rank()
-    threads = str(max(1, (os.cpu_count() or 1) // n))
-    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):  # before numba/torch are imported
-        os.environ.setdefault(var, threads)
+    pin_threads(n)  # before numba/torch are imported
+    check_names(args)
     bench = Bench(comm, MPI, args.repeat, args.warmup)
     t_start = time.perf_counter()
     load = os.getloadavg()
@@ -557,7 +536,7 @@ def main(argv=None):
     lines, ok = check_targets(records)
     if rank == 0:
         for d in args.ds:
-            print(f"\n{title(n, d)}; fp32 ring allreduce moves {ring_bytes(4 * d, n):,} B per rank each way")
+            print(f"\n{title(n, d)}; fp32 ring allreduce moves {fp32_allreduce_bytes(d, n):,} B per rank each way")
             print(text_table(records, d))
         print()
         for line in lines:

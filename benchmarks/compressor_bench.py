@@ -17,7 +17,8 @@ pass is timed; it would cost every method the same.
 Columns: ``ms/step`` (median over the timed steps of the slowest rank), ``codec ms``
 (time inside compress + decompress per step, slowest rank), ``message MB`` (what one rank
 hands to the allreduce per step: 4 B per parameter uncompressed), ``ring MB/rank`` (bytes
-one rank sends in a ring allreduce of that message, 2 (n-1)/n x message; MPICH picks its
+one rank sends in a ring allreduce of that message, 2 (n-1)/n x message, as
+``signcomm.comm.ring_allreduce_bytes`` counts it; MPICH picks its
 own algorithm, so this is the textbook figure, not a measurement), and the ratios of time
 and bytes to ``none``.
 """
@@ -29,35 +30,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import Method, Stopwatch, hvd_sgd, interleave, ring_allreduce_bytes, threads_per_rank
+
 SHAPES = [(1000, 2048)] + [(512, 512, 3, 3)] * 6 + [(2048, 512, 1, 1)] * 9
 METHODS = ("none", "fp16", "sign", "sr", "s1")
-
-
-def _timed(compression):
-    """Wrap a compressor (class or instance) to time compress and decompress."""
-
-    class Timed:
-        seconds = 0.0
-
-        @staticmethod
-        def compress(tensor):
-            t0 = time.perf_counter()
-            r = compression.compress(tensor)
-            Timed.seconds += time.perf_counter() - t0
-            return r
-
-        @staticmethod
-        def decompress(tensor, ctx):
-            t0 = time.perf_counter()
-            r = compression.decompress(tensor, ctx)
-            Timed.seconds += time.perf_counter() - t0
-            return r
-
-    return Timed
 
 
 def rank_main(args):
@@ -65,7 +44,6 @@ def rank_main(args):
     import torch
     import horovod.torch as hvd
 
-    sys.path.insert(0, str(ROOT))
     import compressors
 
     hvd.init()
@@ -90,22 +68,30 @@ def rank_main(args):
     rows = []
     for method in args.methods:
         comp = make(method)
-        timed = _timed(comp)
-        opt = hvd.DistributedOptimizer(torch.optim.SGD(params, lr=1e-3),
-                                       named_parameters=named, compression=timed)
-        times, codec = [], []
-        for step in range(args.warmup + args.steps):
+        codec_clock = Stopwatch()
+        timed = SimpleNamespace(compress=codec_clock.wrap(comp.compress),
+                                decompress=codec_clock.wrap(comp.decompress))
+        opt = hvd_sgd(hvd, named, lr=1e-3, compression=timed)
+        codec = []
+
+        def fresh_grads(i):  # untimed, like the codec clock's reset
             for p, g in zip(params, grads):
                 p.grad = g.clone()
-            hvd.allreduce(torch.zeros(1), name=f"barrier.{method}.{step}")
-            timed.seconds = 0.0
-            t0 = time.perf_counter()
+            codec_clock.reset()
+
+        def step(i, opt=opt):
             opt.synchronize()
             with opt.skip_synchronize():
                 opt.step()
-            if step >= args.warmup:
-                times.append(time.perf_counter() - t0)
-                codec.append(timed.seconds)
+
+        def keep_codec(i):
+            if i >= args.warmup:
+                codec.append(codec_clock.seconds)
+
+        (timing,) = interleave(
+            [Method(step, before=fresh_grads, after=keep_codec)], args.steps, args.warmup,
+            barrier=lambda: hvd.allreduce(torch.zeros(1), name=f"barrier.{method}"))
+        times = timing.times
         if method in ("none", "fp16"):
             message = d * (4 if method == "none" else 2)
         else:
@@ -115,7 +101,7 @@ def rank_main(args):
         worst = hvd.allreduce(mine, name=f"worst.{method}", op=hvd.Max)
         rows.append(dict(method=method, n=n, params=d, ms_per_step=1e3 * worst[0].item(),
                          codec_ms=1e3 * worst[1].item(), message_bytes=int(message),
-                         ring_bytes_per_rank=int(2 * (n - 1) / n * message) if n > 1 else 0,
+                         ring_bytes_per_rank=ring_allreduce_bytes(message, n),
                          steps=args.steps))
         del opt
     if rank == 0:
@@ -165,7 +151,7 @@ def main():
             out = Path(tmp) / "rows.json"
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", "1")
-            env.setdefault("NUMBA_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+            env.setdefault("NUMBA_NUM_THREADS", str(threads_per_rank(n)))
             env["PATH"] = str(venv) + os.pathsep + env.get("PATH", "")
             cmd = [mpirun, "-np", str(n), sys.executable, "-m", "mpi4py", __file__,
                    "--rank-main", "--out", str(out), "--steps", str(args.steps),

@@ -14,8 +14,8 @@ Each kernel is timed next to a baseline measured in the same run, interleaved wi
 
 Reported: the median over ``--repeat`` runs of each, after one warm-up call (numba
 compilation and first-touch page faults are excluded), and their ratio.  Absolute times
-drift on a shared machine; the ratio is the figure to compare.  Targets (issue 2, a
-2-core CPU): sign+pack <= 1.5x, S_R+pack <= 4x, v1 vote <= 2x.
+drift on a shared machine; the ratio is the figure to compare.  Targets (on a 2-core
+CPU): sign+pack <= 1.5x, S_R+pack <= 4x, v1 vote <= 2x.
 
 The gathered rows are uniform random bits: what S_R sends when |v| << R, and the worst
 case for ties (at n = 8, 27% of coordinates tie, so nearly every 64-coordinate word has a
@@ -28,58 +28,33 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import sys
-import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from signcomm import kernels as K  # noqa: E402
-from signcomm.kernels import rng  # noqa: E402
+import common  # noqa: F401  (puts the checkout on sys.path)
+from common import Method, interleave, random_packed
+from signcomm import kernels as K
+from signcomm.kernels import rng
 
 SEED = 20240607
 TARGETS = {"sign_pack": 1.5, "stochastic_sign_pack": 4.0, "vote_v1": 2.0}
 
 
-def _timer(device):
-    if device == "cuda":
-        import cupy as cp
-
-        def run(f):
-            cp.cuda.Device().synchronize()
-            t0 = time.perf_counter()
-            f()
-            cp.cuda.Device().synchronize()
-            return time.perf_counter() - t0
-    else:
-        def run(f):
-            t0 = time.perf_counter()
-            f()
-            return time.perf_counter() - t0
-    return run
-
-
 def measure(kernel, baseline, repeat, device):
     """Median seconds of kernel and baseline, interleaved, after one warm-up each."""
-    run = _timer(device)
-    run(baseline)
-    run(kernel)
-    tk, tb = [], []
-    for _ in range(repeat):
-        tb.append(run(baseline))
-        tk.append(run(kernel))
-    return statistics.median(tk), statistics.median(tb)
+    sync = None
+    if device == "cuda":
+        import cupy as cp
+        sync = cp.cuda.Device().synchronize
+    b, k = interleave([Method(lambda i: baseline()), Method(lambda i: kernel())], repeat,
+                      warmup=1, sync=sync)
+    return k.median, b.median
 
 
 def inputs(d, n, device):
     gen = np.random.default_rng(SEED)
     x = gen.standard_normal(d, dtype=np.float32)
-    nbytes = K.packed_nbytes(d)
-    gathered = gen.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
-    for row in gathered:
-        K.clear_padding(row, d)
+    gathered = random_packed(d, gen, rows=n)
     if device == "cuda":
         import cupy as cp
         x, gathered = cp.asarray(x), cp.asarray(gathered)

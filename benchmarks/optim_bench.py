@@ -8,7 +8,7 @@ tensor), the fp32 allreduce that plain data parallelism does instead (Horovod's
 allreduce of every gradient, as ``hvd.DistributedOptimizer`` issues it, when Horovod
 imports -- it runs in MPI mode under plain mpirun -- and a flat mpi4py Allreduce).
 Figures are the median over steps of the max over ranks (the slowest rank sets the
-pace).  Target of issue 4: compress + vote + update <= 3x the memory copy.
+pace).  Target: compress + vote + update <= 3x the memory copy.
 
 The parameter set is ResNet-50's (torchvision layout, 161 tensors, 25,557,032
 coordinates: convolutions, batch-norm scales and shifts, the 2048 x 1000 classifier).
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 
 import numpy as np
+
+from common import (Method, fp32_allreduce_bytes, interleave, median_of_max, mpi_fp32_allreduce,
+                    pin_threads, vote_vocabulary)
 
 
 def resnet50_shapes():
@@ -37,19 +38,6 @@ def resnet50_shapes():
                 shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
             inplanes = planes * 4
     return shapes + [(1000, 2048), (1000,)]
-
-
-def local_size():
-    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMI_SIZE"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 1
-
-
-def median_of_max(transport, samples):
-    """Per step: the max over ranks; then the median over steps."""
-    a = transport.allreduce(np.asarray(samples, np.float64), "max")
-    return float(np.median(a))
 
 
 def breakdown(opt, transport, reps):
@@ -86,20 +74,16 @@ def breakdown(opt, transport, reps):
     }
     fig = {}
     for name, f in pieces.items():
-        samples = []
-        for _ in range(reps):
-            transport.barrier()
-            t0 = time.perf_counter()
-            f()
-            samples.append(time.perf_counter() - t0)
-        fig[name] = median_of_max(transport, samples)
+        (m,) = interleave([Method(lambda i, f=f: f())], reps, barrier=transport.barrier)
+        fig[name] = median_of_max(lambda a: transport.allreduce(a, "max"), m.times)
     return fig
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="mvsm-v1", help="a signcomm.create_optimizer name (default mvsm-v1)")
-    ap.add_argument("--schedule", default="allgather", choices=["allgather", "sharded", "allreduce"])
+    ap.add_argument("--schedule", default="allgather",
+                    help="a signcomm.vote.SCHEDULES name (default allgather)")
     ap.add_argument("--bucket", type=int, default=None, help="coordinates per fusion bucket (default: signcomm's)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -112,8 +96,9 @@ def main():
     ap.add_argument("--json", help="write the figures here (rank 0)")
     args = ap.parse_args()
 
-    threads = args.threads or max(1, (os.cpu_count() or 1) // local_size())
-    os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))  # before numba loads
+    threads = pin_threads(threads=args.threads)  # before numba and torch load
+    if args.schedule not in vote_vocabulary()[0]:
+        ap.error(f"--schedule must be one of {vote_vocabulary()[0]}, got {args.schedule!r}")
     import torch
     torch.set_num_threads(threads)
     hvd = None
@@ -143,45 +128,36 @@ def main():
         p.grad = g
 
     keys = ("compress_s", "comm_s", "vote_s", "update_s")
-    rows = {k: [] for k in keys + ("step_s", "memcpy_s", "memcpy_tensors_s", "mpi_fp32_s", "hvd_fp32_s")}
+    step_stats = {k: [] for k in keys}
     flat_src = torch.cat([p.detach().reshape(-1) for p in params])
     flat_dst = torch.empty_like(flat_src)
     copies = [torch.empty_like(p) for p in params]
-    flat_np = flat_src.numpy()
-    for i in range(args.warmup + args.steps):
-        transport.barrier()
-        t0 = time.perf_counter()
-        opt.step()
-        step_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        flat_dst.copy_(flat_src)
-        memcpy_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
+
+    def keep_stats(i):
+        if i >= args.warmup:
+            for k in keys:
+                step_stats[k].append(opt.stats[k])
+
+    def hvd_allreduce_grads(i):  # as hvd.DistributedOptimizer issues it: one per gradient
+        handles = [hvd.allreduce_async(g, name=f"g{j}", op=hvd.Average) for j, g in enumerate(grads)]
+        for h in handles:
+            hvd.synchronize(h)
+
+    def copy_tensors(i):
         with torch.no_grad():
             torch._foreach_copy_(copies, [p.detach() for p in params])
-        memcpy_tensors_s = time.perf_counter() - t0
-        transport.barrier()
-        t0 = time.perf_counter()
-        transport.comm.Allreduce(flat_np, flat_dst.numpy())
-        mpi_s = time.perf_counter() - t0
-        hvd_s = float("nan")
-        if hvd is not None:
-            hvd.barrier()
-            t0 = time.perf_counter()
-            handles = [hvd.allreduce_async(g, name=f"g{j}", op=hvd.Average) for j, g in enumerate(grads)]
-            for h in handles:
-                hvd.synchronize(h)
-            hvd_s = time.perf_counter() - t0
-        if i < args.warmup:
-            continue
-        for k in keys:
-            rows[k].append(opt.stats[k])
-        rows["step_s"].append(step_s)
-        rows["memcpy_s"].append(memcpy_s)
-        rows["memcpy_tensors_s"].append(memcpy_tensors_s)
-        rows["mpi_fp32_s"].append(mpi_s)
-        rows["hvd_fp32_s"].append(hvd_s)
-    fig = {k: median_of_max(transport, v) for k, v in rows.items()}
+
+    methods = {"step_s": Method(lambda i: opt.step(), after=keep_stats),
+               "memcpy_s": Method(lambda i: flat_dst.copy_(flat_src)),
+               "memcpy_tensors_s": Method(copy_tensors),
+               "mpi_fp32_s": Method(mpi_fp32_allreduce(transport.comm, flat_src.numpy()))}
+    if hvd is not None:
+        methods["hvd_fp32_s"] = Method(hvd_allreduce_grads)
+    interleave(methods.values(), args.steps, args.warmup, barrier=transport.barrier)
+    rows = dict(step_stats, **{k: m.times for k, m in methods.items()})
+    if hvd is None:
+        rows["hvd_fp32_s"] = [float("nan")] * args.steps
+    fig = {k: median_of_max(lambda a: transport.allreduce(a, "max"), v) for k, v in rows.items()}
     parts = breakdown(opt, transport, args.steps) if args.breakdown else None
     stats = opt.stats
     if rank == 0:
@@ -195,7 +171,7 @@ def main():
         print(f"  update                 {ms(fig['update_s'])}")
         print(f"  whole step             {ms(fig['step_s'])}")
         print(f"  memcpy of parameters   {ms(fig['memcpy_s'])}   (per tensor: {ms(fig['memcpy_tensors_s']).strip()})")
-        print(f"  fp32 allreduce, mpi4py {ms(fig['mpi_fp32_s'])}   ({4 * d * 2 * (n - 1) // n:,} B per rank, ring)")
+        print(f"  fp32 allreduce, mpi4py {ms(fig['mpi_fp32_s'])}   ({fp32_allreduce_bytes(d, n):,} B per rank, ring)")
         if hvd is not None:
             print(f"  fp32 allreduce, Horovod{ms(fig['hvd_fp32_s'])}")
         print(f"  compress+vote+update / memcpy = {work / fig['memcpy_s']:.2f}x  (target <= 3x: "

@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
 
+from common import Method, interleave, mlp, vote_vocabulary  # puts the checkout on sys.path
 import signcomm
 from signcomm.comm import get_transport
-
-
-def build(width, depth, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for _ in range(depth):
-        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
 
 
 def run(args, transport):
@@ -31,26 +23,28 @@ def run(args, transport):
     {overlap: (median seconds, final parameters)}."""
     setups = {}
     for overlap in (False, True):
-        model = build(args.width, args.depth)
+        model = mlp(args.width, args.depth, classes=10)
         opt = signcomm.MVSM(model.parameters(), lr=1e-3, beta=0.5, schedule=args.schedule,
                             transport=transport, bucket_elements=args.bucket, overlap=overlap)
-        setups[overlap] = (model, opt, torch.Generator().manual_seed(transport.rank), [])
-    for i in range(args.warmup + args.iters):
-        for overlap, (model, opt, g, times) in setups.items():
-            x = torch.randn(args.batch, args.width, generator=g)
-            y = torch.randint(0, 10, (args.batch,), generator=g)
-            transport.barrier()
-            t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(transport.rank)
+        batch = {}
+
+        def draw(i, g=g, batch=batch):  # untimed: this iteration's batch
+            batch["x"] = torch.randn(args.batch, args.width, generator=g)
+            batch["y"] = torch.randint(0, 10, (args.batch,), generator=g)
+
+        def iteration(i, model=model, opt=opt, batch=batch):
             opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
+            torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"]).backward()
             opt.step()
-            dt = time.perf_counter() - t0
-            if i >= args.warmup:
-                times.append(float(transport.allreduce(np.array([dt]), "max")[0]))
+        setups[overlap] = (model, opt, Method(iteration, before=draw))
+    interleave([m for _, _, m in setups.values()], args.iters, args.warmup,
+               barrier=transport.barrier,
+               allmax=lambda dt: float(transport.allreduce(np.array([dt]), "max")[0]))
     out = {}
-    for overlap, (model, opt, _, times) in setups.items():
+    for overlap, (model, opt, method) in setups.items():
         opt.close()
-        out[overlap] = (float(np.median(times)), torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        out[overlap] = (method.median, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     return out
 
 
@@ -60,7 +54,7 @@ def main():
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--bucket", type=int, default=1 << 20, help="coordinates per bucket")
-    ap.add_argument("--schedule", default="allgather")
+    ap.add_argument("--schedule", default="allgather", choices=vote_vocabulary()[0])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="write the records here")
