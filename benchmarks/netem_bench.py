@@ -32,13 +32,17 @@ Methods (engine "mpi" unless marked):
   of a d-float32 torch tensor, without / with ``hvd.Compression.fp16``.
 - ``hvd_sign`` / ``hvd_s1`` (engine "horovod"): the project's Horovod compressors
   (``compressors.Compression.sign``/``.s1``: count fields on a float64 wire) through
-  ``hvd.allreduce(x, compression=...)``; a ``"skipped"`` record if they do not import.
+  ``hvd.allreduce(x, compression=...)``, next to fp32 and fp16; a ``"skipped"`` record
+  (with the error) if ``compressors`` fails to import.
 - ``mvsm_step`` / ``mvsm_step_overlap`` / ``sgd_step``: a full training step (forward,
   backward, communication, update) of a 4-layer MLP with about d parameters, batch 16:
   ``signcomm.MVSM`` (sharded vote, v2, shared R) without / with overlap, and SGD with
   momentum over one mpi4py fp32 Allreduce of the flat gradient; ``hvd_sgd_step``
   (engine "horovod"): the same SGD through ``hvd.DistributedOptimizer``.
 - ``latency_8B``: 20 ping-pongs of 8 bytes between ranks 0 and 1 (``half_rtt_seconds``).
+
+Schedule and variant names are the library's; byte formulas, the fp32 and SGD baselines
+and the model come from ``benchmarks/common.py``.
 """
 from __future__ import annotations
 
@@ -48,23 +52,13 @@ import math
 import os
 import socket
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-
-def ring_bytes(nbytes, n):
-    return 2 * (n - 1) * nbytes // n if n > 1 else 0
-
-
-def count_words(d, n):
-    b = max(1, math.ceil(math.log2(n + 1)))
-    return -(-d // (63 // b))
+from common import (MpiSGD, clock, count_field_words, fp32_allreduce_bytes, hvd_allreduce, hvd_sgd,
+                    mlp, mpi_fp32_allreduce, random_packed, ring_allreduce_bytes, threads_per_rank,
+                    vote_vocabulary)
 
 
 def nic_counters():
@@ -98,9 +92,7 @@ class Bench:
         for i in range(total):
             self.barrier()
             c0 = nic_counters()
-            t0 = time.perf_counter()
-            step_fn(i)
-            dt = time.perf_counter() - t0
+            dt = clock(step_fn, i)
             c1 = nic_counters()
             ct = comm_seconds_fn() if comm_seconds_fn else dt
             busiest = max(c1[0] - c0[0], c1[1] - c0[1]) if c0 and c1 else -1.0
@@ -172,13 +164,10 @@ def run_mpi(b, d):
 
     if wants(a, "fp32_allreduce"):
         x = rng.standard_normal(d, dtype=np.float32)
-        y = np.empty_like(x)
-        b.measure("fp32_allreduce", d, lambda i: comm.Allreduce(x, y, op=MPI.SUM),
-                  ring_bytes(4 * d, n))
-        del x, y
+        b.measure("fp32_allreduce", d, mpi_fp32_allreduce(comm, x), fp32_allreduce_bytes(d, n))
+        del x
 
-    packed = rng.integers(0, 256, nbytes, dtype=np.uint8)
-    K.clear_padding(packed, d)
+    packed = random_packed(d, rng)
     if wants(a, "raw_allgather"):
         out = np.empty((n, nbytes), np.uint8)
         b.measure("raw_allgather", d, lambda i: comm.Allgather(packed, out), (n - 1) * nbytes)
@@ -197,19 +186,20 @@ def run_mpi(b, d):
         b.measure("raw_sharded", d, sharded, 2 * (n - 1) * s)
         del send, recv, gath
     if wants(a, "raw_count_allreduce"):
-        w = count_words(d, n)
+        w = count_field_words(d, n)
         words = np.zeros(w, np.int64)  # values do not change the timing
         words_out = np.empty_like(words)
         b.measure("raw_count_allreduce", d, lambda i: comm.Allreduce(words, words_out, op=MPI.SUM),
-                  ring_bytes(8 * w, n), extra={"count_field_bits": math.ceil(math.log2(n + 1)),
-                                               "words": w})
+                  ring_allreduce_bytes(8 * w, n), extra={"count_field_bits": math.ceil(math.log2(n + 1)),
+                                                         "words": w})
         del words, words_out
 
     # The signcomm collectives get their own communicator, so nothing they leave running
     # (an overlap worker) can pair with this script's own barriers and reductions.
     transport = MPITransport(comm.Dup())
-    for sched_name in ("allgather", "sharded", "allreduce"):
-        for variant in ("v1", "v2"):
+    schedules, variants, _ = vote_vocabulary()
+    for sched_name in schedules:
+        for variant in variants:
             method = f"vote_{sched_name}_{variant}"
             if not wants(a, method):
                 continue
@@ -224,7 +214,7 @@ def run_mpi(b, d):
             b.measure(method, d, step, sched.predicted_bytes(d), comm_seconds_fn=comm_s,
                       extra={"schedule": sched_name, "variant": variant})
 
-    for sched_name in ("sharded", "allgather", "allreduce"):
+    for sched_name in schedules:
         method = f"signvote_{sched_name}_v2"
         if not wants(a, method):
             continue
@@ -246,12 +236,11 @@ def run_mpi(b, d):
         run_steps(b, d, transport)
 
 
-def mlp(d, seed=0):
-    """An MLP of 4 square layers with about d parameters (the model of the step methods)."""
-    import torch
+def mlp_of(d, seed=0):
+    """An MLP of 4 square layers with about d parameters (the model of the step methods),
+    and its width."""
     w = max(8, int(round(math.sqrt(d / 4))))
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(w, w), torch.nn.ReLU())]), w
+    return mlp(w, 4, seed=seed), w
 
 
 def run_steps(b, d, transport):
@@ -260,16 +249,15 @@ def run_steps(b, d, transport):
     whose gradients are averaged by one mpi4py fp32 Allreduce of the flat gradient."""
     import torch
     import signcomm
-    from mpi4py import MPI
 
     a, n, comm = b.a, b.n, b.comm
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
+    torch.set_num_threads(threads_per_rank(n))
     batch = 16
 
     def fresh():
         # A fresh model per method: MVSM(overlap=True) leaves gradient hooks on the
         # parameters it was given, which would fire (and communicate) in a later method.
-        model, w = mlp(d)
+        model, w = mlp_of(d)
         g = torch.Generator().manual_seed(b.rank)
         x, y = torch.randn(batch, w, generator=g), torch.randn(batch, w, generator=g)
 
@@ -303,26 +291,14 @@ def run_steps(b, d, transport):
         del opt, model
     if wants(a, "sgd_step"):
         model, _, fwd_bwd = fresh()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        flat = torch.zeros(dm)
-        red = torch.zeros(dm)
-        ct = [0.0]
+        sgd = MpiSGD(comm, model.parameters(), lr=1e-4, momentum=0.9)
 
         def step(i):
             fwd_bwd()
-            torch.cat([p.grad.reshape(-1) for p in model.parameters()], out=flat)
-            t0 = time.perf_counter()
-            comm.Allreduce(flat.numpy(), red.numpy(), op=MPI.SUM)
-            ct[0] = time.perf_counter() - t0
-            red.div_(n)
-            off = 0
-            for p in model.parameters():
-                k = p.numel()
-                p.grad.copy_(red[off:off + k].view_as(p))
-                off += k
-            opt.step()
+            sgd.step()
 
-        b.measure("sgd_step", d, step, ring_bytes(4 * dm, n), comm_seconds_fn=lambda: ct[0],
+        b.measure("sgd_step", d, step, fp32_allreduce_bytes(dm, n),
+                  comm_seconds_fn=lambda: sgd.comm_seconds,
                   extra=dict(extra, optimizer="SGD momentum 0.9, fp32 mpi4py Allreduce"))
 
 
@@ -339,47 +315,37 @@ def run_horovod(b, d):
     torch.manual_seed(b.rank)
     x = torch.randn(d, dtype=torch.float32)
     if wants(a, "hvd_fp32_allreduce"):
-        b.measure("hvd_fp32_allreduce", d,
-                  lambda i: hvd.allreduce(x, op=hvd.Sum, name=f"fp32.{i}"), ring_bytes(4 * d, n))
+        b.measure("hvd_fp32_allreduce", d, hvd_allreduce(hvd, x, "fp32"), fp32_allreduce_bytes(d, n))
     if wants(a, "hvd_fp16_allreduce"):
         b.measure("hvd_fp16_allreduce", d,
-                  lambda i: hvd.allreduce(x, op=hvd.Sum, name=f"fp16.{i}",
-                                          compression=hvd.Compression.fp16),
-                  ring_bytes(2 * d, n))
+                  hvd_allreduce(hvd, x, "fp16", compression=hvd.Compression.fp16),
+                  fp32_allreduce_bytes(d, n, itemsize=2))
     if wants(a, "hvd_compressors"):
         try:
-            import compressors  # the project's Horovod compressors (another issue)
+            import compressors  # the project's Horovod compressors
             from compressors.wire import message_words
-        except ImportError:
+        except ImportError as exc:
+            b.skipped("hvd_compressors", d, f"compressors does not import: {exc}")
             compressors = None
-        names = [m for m in ("sign", "s1") if compressors is not None
-                 and hasattr(compressors.Compression, m)]
-        if not names:
-            # TODO(issue 7): once compressors.Compression.{sign, s1} exist, they are timed
-            # here through hvd.allreduce(x, compression=...), next to fp32 and fp16.
-            b.skipped("hvd_compressors", d, "compressors.Compression.sign etc. do not exist yet")
-        for m in names:
+        for m in ("sign", "s1") if compressors is not None else ():
             comp = getattr(compressors.Compression, m)
             words = message_words(d, n, "float64")
-            b.measure(f"hvd_{m}", d,
-                      lambda i, comp=comp, m=m: hvd.allreduce(x, op=hvd.Sum, name=f"{m}.{i}",
-                                                              compression=comp),
-                      ring_bytes(8 * words, n),
+            b.measure(f"hvd_{m}", d, hvd_allreduce(hvd, x, m, compression=comp),
+                      ring_allreduce_bytes(8 * words, n),
                       extra={"wire": "float64 count fields", "words": words})
     if wants(a, "hvd_sgd_step"):
-        model, w = mlp(d)
+        model, w = mlp_of(d)
         dm = sum(p.numel() for p in model.parameters())
         g = torch.Generator().manual_seed(b.rank)
         xb, yb = torch.randn(16, w, generator=g), torch.randn(16, w, generator=g)
-        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9),
-                                       named_parameters=model.named_parameters())
+        opt = hvd_sgd(hvd, model.named_parameters(), lr=1e-4, momentum=0.9)
 
         def step(i):
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(xb), yb).backward()
             opt.step()
 
-        b.measure("hvd_sgd_step", d, step, ring_bytes(4 * dm, n),
+        b.measure("hvd_sgd_step", d, step, fp32_allreduce_bytes(dm, n),
                   extra={"model": f"MLP 4x{w}", "model_params": dm, "batch": 16,
                          "optimizer": "hvd.DistributedOptimizer(SGD momentum 0.9), fp32"})
 
@@ -403,7 +369,7 @@ def main():
         import horovod.torch as hvd
         import torch
         hvd.init()
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.size()))
+        torch.set_num_threads(threads_per_rank(hvd.size()))
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
         if comm.Get_size() != hvd.size():

@@ -56,7 +56,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
+from common import ROOT, count_field_words, ring_allreduce_bytes, vote_vocabulary  # noqa: E402
+
 CORES = 2
 
 
@@ -65,15 +67,7 @@ def log2c(n):
 
 
 def ring(m, n):
-    return 2 * (n - 1) * m / n if n > 1 else 0.0
-
-
-def count_bits(n):
-    return max(1, math.ceil(math.log2(n + 1)))
-
-
-def count_words(d, n):
-    return math.ceil(d / (63 // count_bits(n)))
+    return ring_allreduce_bytes(m, n)
 
 
 # collective -> (rounds(n), bytes_on_busiest_link(n, m))
@@ -101,13 +95,15 @@ METHOD_COLLECTIVES = {
     "hvd_fp16_allreduce": [("hvd_fp16_allreduce", lambda n, d: 2 * d)],
     "raw_allgather": [("allgather", lambda n, d: packed(d))],
     "raw_sharded": [("alltoall", lambda n, d: shard(d, n)), ("allgather", lambda n, d: shard(d, n))],
-    "raw_count_allreduce": [("allreduce", lambda n, d: 8 * count_words(d, n))],
+    "raw_count_allreduce": [("allreduce", lambda n, d: 8 * count_field_words(d, n))],
 }
-for v in ("v1", "v2"):
-    METHOD_COLLECTIVES[f"vote_allgather_{v}"] = METHOD_COLLECTIVES["raw_allgather"]
-    METHOD_COLLECTIVES[f"vote_sharded_{v}"] = METHOD_COLLECTIVES["raw_sharded"]
-    METHOD_COLLECTIVES[f"vote_allreduce_{v}"] = METHOD_COLLECTIVES["raw_count_allreduce"]
-for s in ("allgather", "sharded", "allreduce"):
+# each vote schedule (signcomm.vote.SCHEDULES) runs the collectives of its raw_* method
+RAW_OF_SCHEDULE = {"allgather": "raw_allgather", "sharded": "raw_sharded",
+                   "allreduce": "raw_count_allreduce"}
+SCHEDULES, VARIANTS, _ = vote_vocabulary()
+for s in SCHEDULES:
+    for v in VARIANTS:
+        METHOD_COLLECTIVES[f"vote_{s}_{v}"] = METHOD_COLLECTIVES[RAW_OF_SCHEDULE[s]]
     METHOD_COLLECTIVES[f"signvote_{s}_v2"] = METHOD_COLLECTIVES[f"vote_{s}_v2"]
 
 CALIBRATION = ("fp32_allreduce", "hvd_fp32_allreduce", "hvd_fp16_allreduce", "raw_allgather",

@@ -23,7 +23,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # benchmarks/
 import cluster as netem  # noqa: E402
+from common import threads_per_rank  # noqa: E402
 
 ROOT = HERE.parent.parent
 BENCH = ROOT / "benchmarks" / "netem_bench.py"
@@ -98,7 +100,7 @@ def main(argv=None):
                         break
                     part = out / f".netem-{engine}-{n}-{gbit:g}.jsonl"
                     part.unlink(missing_ok=True)
-                    threads = str(max(1, (os.cpu_count() or 1) // n))
+                    threads = str(threads_per_rank(n))
                     cmd = ["env", f"NUMBA_NUM_THREADS={threads}", f"OMP_NUM_THREADS={threads}",
                            python, "-m", "mpi4py", str(BENCH), "--engine", engine,
                            "--gbit", str(gbit), "--reps", str(a.reps), "--warmup", str(a.warmup),
