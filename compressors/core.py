@@ -36,8 +36,10 @@ import torch
 
 from signcomm import kernels as K
 from signcomm.comm.base import RankMismatchError
+from signcomm.contribution import RPolicy, local_max_abs
+from signcomm.kernels.rules import VoteRule
 
-from . import _fields, wire as W
+from . import wire as W
 
 MAX_MESSAGE_WORDS = 2 ** 31 - 1   # Horovod's MPI path passes element counts as int
 SERIAL_BELOW = 1 << 16   # coordinates: smaller tensors run the kernels on one thread
@@ -171,8 +173,7 @@ class MajorityVoteCompressor:
             raise ValueError(f"contribute must be one of {CONTRIBUTIONS}, got {contribute!r}")
         if vote not in VOTES:
             raise ValueError(f"vote must be one of {VOTES}, got {vote!r}")
-        if tie not in K.TIE_RULES:
-            raise ValueError(f"tie must be one of {K.TIE_RULES}, got {tie!r}")
+        self.rule = VoteRule("v2" if vote == "s1" else "v1", tie)
         if isinstance(R, str):
             if R != "local":
                 raise ValueError(f"R must be 'local' or a positive number, got {R!r} (a "
@@ -290,13 +291,9 @@ class MajorityVoteCompressor:
             if self.contribute == "sign":
                 key = rank_key(self.seed, K.Purpose.ZERO_COIN, rank, step, d, k)
                 return K.pack_signs(x, zero_key=key), 0
-            if self.R == "local":
-                r = max(float(x.max()), -float(x.min())) if d else 0.0
-                if not np.isfinite(r):
-                    raise K.NonFiniteError("local R")
-                r = r if r > 0 else 1.0   # all zeros: S_R(0) is a fair coin for any R
-            else:
-                r = self.R
+            r = RPolicy(self.R).resolve(local_max_abs(x, [d]))  # local: R = 0 -> 1
+            if not np.all(np.isfinite(r)):
+                raise K.NonFiniteError("local R")
             key = rank_key(self.seed, K.Purpose.STOCHASTIC_SIGN, rank, step, d, k)
             packed, clamped = K.stochastic_sign_pack(x, r, key)
             self.stats["clamped"] += clamped
@@ -330,19 +327,12 @@ class MajorityVoteCompressor:
                     "another tensor's message on some rank (tensors of the same size "
                     "compressed in different orders on different ranks and too large for "
                     "one message: give each a distinct size or raise max_message_words)")
-        variant = "v2" if self.vote == "s1" else "v1"
         key = 0
-        if variant == "v2":
-            key = shared_key(self.seed, K.Purpose.S1, first["step"], d, counts)
-        elif self.tie == "coin" and n % 2 == 0:
-            key = shared_key(self.seed, K.Purpose.TIE_COIN, first["step"], d, counts)
+        if self.rule.variant == "v2" or (self.rule.tie == "coin" and n % 2 == 0):
+            key = shared_key(self.seed, self.rule.shared_purpose(), first["step"], d, counts)
         with _threads_for(d):
-            vote = K.vote_from_counts(counts, n, variant=variant, tie=self.tie, key=key)
-        out = np.empty(d, np.float32)
-        nz = vote.nonzero
-        _fields.vote_values(vote.bits, nz if nz is not None else np.zeros(0, np.uint8),
-                            nz is not None, d, out)
-        result = torch.from_numpy(out)
+            vote = K.vote_from_counts(counts, n, rule=self.rule, key=key)
+            result = torch.from_numpy(K.vote_values(vote, d))
         if ctx.dtype != torch.float32:
             result = result.to(ctx.dtype)
         return result.view(ctx.shape).to(ctx.device)

@@ -51,16 +51,15 @@ import numpy as np
 
 from signcomm import kernels as K
 from signcomm.comm.base import RankMismatchError
+from signcomm.kernels import _fields, fields as codec
 from signcomm.kernels.rng import MASK64, splitmix64
-
-from . import _fields
 
 HEADER = ("one", "rank", "rank_sq", "size_mod", "size_mod_sq", "size", "popcount", "step",
           "nonfinite", "bad_ranks", "nonce")
 H = len(HEADER)
 _IDX = {name: i for i, name in enumerate(HEADER)}
 WIRES = ("float64", "int64")
-SAFE_BITS = 50          # float64 words (and their sums) stay below 2**(SAFE_BITS - b)
+SAFE_BITS = codec.SAFE_BITS
 SIZE_MOD = 1 << 16
 MAX_DEV = 0.25          # a scaled word further than this from an integer is not exact
 NONCE_BITS = 20
@@ -78,18 +77,18 @@ class NonFiniteGradientError(K.NonFiniteError):
 
 def field_bits(n: int) -> int:
     """b = ceil(log2(n + 1)): bits of a field that counts 0..n."""
-    return K.count_field_bits(n)
+    return codec.field_bits(n)
 
 
 def fields_per_word(n: int, wire: str = "float64") -> int:
-    """F: coordinates per wire word for n ranks."""
+    """F: coordinates per wire word for n ranks (the codec's, ``signcomm.kernels.fields``)."""
     check_wire(wire)
-    b = field_bits(n)
-    f = 63 // b if wire == "int64" else (SAFE_BITS - b) // b
-    if f < 1:
-        raise ValueError(f"n={n} ranks need {b}-bit count fields; the float64 wire holds "
-                         f"at most {SAFE_BITS // 2 - 1}-bit fields (use wire='int64' with op=Sum)")
-    return f
+    try:
+        return codec.fields_per_word(field_bits(n), wire)
+    except ValueError:
+        raise ValueError(f"n={n} ranks need {field_bits(n)}-bit count fields; the float64 wire "
+                         f"holds at most {SAFE_BITS // 2 - 1}-bit fields (use wire='int64' with "
+                         "op=Sum)") from None
 
 
 def bits_per_coordinate(n: int, wire: str = "float64") -> float:
@@ -162,21 +161,13 @@ def encode(packed, offset: int, m: int, n: int, rank: int, *, step: int, nonfini
     bit per coordinate of the whole tensor).  Returns (words, popcount)."""
     check_wire(wire)
     b = field_bits(n)
-    f = fields_per_word(n, wire)
+    fields_per_word(n, wire)  # the wire's clear error when n needs too wide fields
     if offset % 8:
         raise ValueError("message offsets must be multiples of 8 coordinates")
     part = packed[offset // 8: offset // 8 + K.packed_nbytes(m)]
     if m % 8:
         part = K.clear_padding(part.copy(), m)
-    nwords = -(-m // f)
-    if wire == "float64":
-        out = np.empty(H + nwords, np.float64)
-        pop = int(_fields.encode_fields(part, m, b, f, _fields.spread(b), out[H:]))
-    else:
-        out = np.empty(H + nwords, np.int64)
-        if m:
-            out[H:] = K.pack_count_fields(part, m, b)
-        pop = int(np.bitwise_count(part).sum(dtype=np.int64)) if m else 0
+    out, pop = codec.encode(part, m, b, wire, header=H)
     q = m % SIZE_MOD
     out[:H] = (1, rank, rank * rank, q, q * q, m, pop, step, nonfinite, int(nonfinite > 0),
                nonce)
@@ -267,14 +258,8 @@ def decode(words, m: int, n: int, rank: int, counts_out, *, wire: str = "float64
         raise NonFiniteGradientError(
             f"{_describe(describe)}: NaN/Inf in the gradient on {sums['bad_ranks']} of {n} "
             f"ranks ({sums['nonfinite']} values in all); nothing was applied")
-    if wire == "float64":
-        max_dev, total, bad = _fields.decode_fields(words[H:], inv_scale, m, b, f, n,
-                                                    counts_out)
-    else:
-        c = K.unpack_count_fields(words[H:], m, b) if m else np.zeros(0, np.int64)
-        bad = int(((c > n) | (c < 0)).sum())
-        counts_out[:] = c
-        total, max_dev = int(c.sum()), 0.0
+    max_dev, total, bad = codec.decode(words[H:], m, b, n, counts_out, wire,
+                                       inv_scale=inv_scale if wire == "float64" else 1.0)
     if not max_dev <= MAX_DEV or bad or int(total) != sums["popcount"]:
         raise WireError(
             f"{_describe(describe)}: the summed data words are not exact counts of {n} "

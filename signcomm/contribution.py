@@ -24,7 +24,7 @@ def safe_r(r):
     """R with the R = 0 guard: a segment whose bound is 0 holds only zeros, and S_R(0)
     is a fair coin for any R > 0, so R = 0 becomes 1 (fair coin flips)."""
     r = np.asarray(r, dtype=np.float64)
-    return np.where(r > 0, r, 1.0)
+    return np.where(r == 0, 1.0, r)  # NaN stays NaN (a non-finite bound is an error)
 
 
 def local_max_abs(v, seg_sizes):

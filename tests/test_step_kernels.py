@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from signcomm.kernels import _step as S
-from signcomm.optim.majority import _fused_lerp_ok
+from signcomm.backends import fused_lerp_ok as _fused_lerp_ok
 
 SIZES = [0, 1, 7, 8, 9, 63, 64, 65, 4099, 2 * S.CHUNK + 13]
 

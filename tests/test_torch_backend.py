@@ -306,21 +306,11 @@ def _check_count_fields(b, d):
 # the step: momentum (eq. 9) and the update
 
 
-_FUSED = []
-
-
 def _fused_lerp_ok() -> bool:
     """Whether _step's fused lerp equals this torch build's CPU lerp (it does where torch's
     vectorised lerp is an FMA); only then is torch.lerp compared with _step."""
-    if not _FUSED:
-        v, g = _momentum_data(4099, 12345)
-        ok = True
-        for w in (0.1, 0.7):
-            out = np.empty(4099, np.float32)
-            _step.momentum_pass(v.numpy(), g.numpy(), out, w, _step.MODE_LERP)
-            ok &= _same(torch.lerp(v, g, w), out)
-        _FUSED.append(ok)
-    return _FUSED[0]
+    from signcomm.backends import fused_lerp_ok
+    return fused_lerp_ok()
 
 
 def _momentum_data(d, seed):

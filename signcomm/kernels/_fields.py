@@ -1,7 +1,7 @@
-"""numba kernels of the compressors' float64 wire (new here: ``signcomm.kernels`` packs
-count fields only into int64 words of ``63 // b`` fields, whose sums a float64 Average
-would round).  Each kernel has a plain NumPy twin (``*_reference``) that states the same
-layout in array operations; ``tests/test_compressors.py`` keeps them identical.
+"""numba kernels of the float64 count-field words (``fields.py`` is the codec; the int64
+words are ``_cpu.pack_count_fields``), and the counts hash of the compressors' shared
+keys.  Each kernel has a plain NumPy twin (``*_reference``) that states the same layout
+in array operations; ``tests/test_compressors.py`` keeps them identical.
 
 Layout: coordinate ``i`` is field ``i % F`` of word ``i // F``; field ``j`` occupies bits
 ``j*b .. j*b + b - 1`` of the word's integer value, which is stored exactly as a float64
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from signcomm.kernels.bits import BITORDER, packed_nbytes
+from .bits import BITORDER, packed_nbytes
 
 jit = numba.njit(cache=True, nogil=True)
 
@@ -111,18 +111,6 @@ def decode_fields(words, inv_scale, d, b, f, n, counts):
         if (acc >> (m * b)) != 0:
             bad += 1
     return max_dev, total, bad
-
-
-@jit
-def vote_values(bits, nonzero, has_nonzero, d, out):
-    """Packed vote bits (1 = +1, 0 = -1) -> out[i] = +1.0 / -1.0, and 0.0 where the
-    packed ``nonzero`` mask has a 0 bit (a tie under the "zero" rule).  ``out`` is
-    float32; one pass, no temporaries (``Vote.values`` makes four)."""
-    for i in range(d):
-        v = np.float32(2 * ((bits[i >> 3] >> (i & 7)) & 1) - 1)
-        if has_nonzero:
-            v *= np.float32((nonzero[i >> 3] >> (i & 7)) & 1)
-        out[i] = v
 
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)

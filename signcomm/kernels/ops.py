@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import _cpu, reference
+from . import _cpu, fields, reference
 from .bits import BITORDER, check_packed, clear_padding, packed_nbytes
 from .rules import TIE_RULES, VARIANTS, VoteRule  # noqa: F401  (re-exported)
 from .xp import array_module, is_cupy
@@ -234,37 +234,24 @@ def vote_from_counts(counts, n: int, *, variant: str = "v1", tie: str = "coin",
 
 
 def count_field_bits(n: int) -> int:
-    """ceil(log2(n + 1)): bits of a field that holds a count from 0 to n."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    return int(n).bit_length()
+    """ceil(log2(n + 1)): bits of a field that holds a count from 0 to n (``fields``)."""
+    return fields.field_bits(n)
 
 
 def count_field_words(d: int, bits_per_field: int) -> int:
     """int64 words that hold d fields (63 // bits_per_field fields per word)."""
-    return -(-int(d) // (63 // bits_per_field))
+    return fields.data_words(d, bits_per_field, "int64")
 
 
 def pack_count_fields(packed, d: int, bits_per_field: int):
-    """One bit per coordinate -> int64 words of ``bits_per_field``-bit fields (see
-    ``_cpu.pack_count_fields``); summing such words over ranks gives exact counts."""
+    """One bit per coordinate -> int64 count-field words (the codec of ``fields.py``);
+    summing such words over ranks gives exact counts."""
     check_packed(packed, d)
     if not 1 <= bits_per_field <= 63:
         raise ValueError(f"bits_per_field must be in [1, 63], got {bits_per_field}")
-    if is_cupy(packed):
-        return reference.pack_count_fields(packed, d, bits_per_field)
-    out = np.empty(count_field_words(d, bits_per_field), np.int64)
-    _cpu.pack_count_fields(packed, d, bits_per_field, out)
-    return out
+    return fields.pack_int64(packed, d, bits_per_field)
 
 
 def unpack_count_fields(words, d: int, bits_per_field: int):
     """Summed int64 field words -> per-coordinate counts (int64)."""
-    if words.ndim != 1 or words.shape[0] < count_field_words(d, bits_per_field):
-        raise ValueError(f"words must be 1-D with at least {count_field_words(d, bits_per_field)} "
-                         f"entries for d={d}, got shape {words.shape}")
-    if is_cupy(words):
-        return reference.unpack_count_fields(words, d, bits_per_field)
-    out = np.empty(d, np.int64)
-    _cpu.unpack_count_fields(np.ascontiguousarray(words), d, bits_per_field, out)
-    return out
+    return fields.unpack_int64(words, d, bits_per_field)
