@@ -12,7 +12,7 @@ import signcomm
 DISTRIBUTED = ["signsgd-mv", "signum-mv", "sto-signsgd", "mv-sto-signsgd-sim", "mvsm-v1", "mvsm-v2"]
 
 # What defines each member (the test's own table, written from docs/optim.md and
-# ALGORITHMS.md, not read from presets.py): another value of one of these is refused.
+# docs/algorithms.md, not read from presets.py): another value of one of these is refused.
 DEFINES = {
     "signsgd-mv": dict(contribution="sign", variant="v1", momentum_init="first", beta=1.0),
     "signum-mv": dict(contribution="sign", variant="v1", momentum_init="zero"),
