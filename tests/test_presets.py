@@ -42,6 +42,7 @@ VALUES = {
     "bucket_elements": [1024],
     "lockstep_every": [0, 2],
     "overlap": [False, True],
+    "backend": ["auto", "numba", "torch"],
 }
 
 

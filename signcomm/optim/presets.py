@@ -34,7 +34,8 @@ it would silently ignore, raises a ``ValueError`` naming the preset and the opti
 
 The legitimate knobs stay free: ``lr``, ``beta`` of the momentum presets, ``R`` of the
 S_R presets, ``tie`` of the v1 presets, ``weight_decay``, ``schedule``, ``transport``,
-``seed``, ``byzantine``, ``bucket_elements``, ``lockstep_every``, ``overlap``.  The
+``seed``, ``byzantine``, ``bucket_elements``, ``lockstep_every``, ``overlap``,
+``backend``.  The
 optimizer's ``preset`` attribute names the preset it was built from."""
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ NO_EFFECT = {
     "mvsm-v2": {"tie": "its S_1 vote (eq. 11) never ties, so there is no tie rule"},
 }
 WITH_MOMENTUM = {"signsgd-mv": "the preset 'signum-mv'",
-                 "sto-signsgd": "the preset 'mvsm-v1' (v_1 = g_1) or 'mv-sto-signsgd-sim' (v_0 = 0)"}
+                 "sto-signsgd": "the preset 'mvsm-v1' (v_1 = g_1) or "
+                                "'mv-sto-signsgd-sim' (v_0 = 0)"}
 _MVSM_DEFAULTS = {"momentum_init": "first", "variant": "v1", "contribution": "sr"}
 
 
