@@ -130,7 +130,11 @@ class VoteEngine:
 
     def signature(self, layout: Layout):
         """What every rank must share for the step to be one vote."""
-        return (layout.device.type, getattr(self.backend(layout.device), "name", "?"),
+        try:
+            backend = self.backend(layout.device).name
+        except BackendError:  # prepare() reports it; the signature still has to be sent
+            backend = str(self.backend_spec)
+        return (layout.device.type, backend,
                 self.schedule.name, self.rule.variant, self.rule.tie, self.contribution.kind,
                 str(self.policy.R), self.contribution.seed, self.momentum_init,
                 self.bucket_elements)

@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from ..comm import get_transport
+from ..backends import BackendError
 from ..comm.base import Transport
 from ..contribution import KINDS as CONTRIBUTIONS, RPolicy
 from ..engine import MOMENTUM_INITS, VoteEngine
@@ -182,7 +183,12 @@ class MVSM(torch.optim.Optimizer):
         else:
             if self._overlap is not None:
                 self._overlap.reset()
-            layout = engine.layout_for([p for _, p, _ in present]) if present else None
+            try:
+                layout = engine.layout_for([p for _, p, _ in present]) if present else None
+            except BackendError as exc:  # e.g. mixed devices: an error on every rank
+                self.transport.start_agree((step,), error=f"BackendError: {exc}",
+                                           what=f"optimizer step {step}").wait()
+                raise
             buckets = layout.buckets if layout is not None else []
             slices, first = [], 0
             for b in buckets:
