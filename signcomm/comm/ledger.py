@@ -1,7 +1,7 @@
 """The byte ledger: every transport call, per rank, with a per-step summary.
 
 Bytes are those a bandwidth-optimal algorithm moves for this rank (what the cost
-table of ALGORITHMS.md counts), computed from the real buffer sizes of each call:
+table of docs/algorithms.md counts), computed from the real buffer sizes of each call:
 - allgather of m bytes per rank: sent (n-1) m, received (n-1) m (ring);
 - alltoall of m bytes per peer: sent (n-1) m, received (n-1) m;
 - allreduce of B bytes: sent and received 2 (n-1)/n B (ring reduce-scatter + allgather);
