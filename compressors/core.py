@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from signcomm import kernels as K
+from signcomm.backends import get_backend
 from signcomm.comm.base import RankMismatchError
 from signcomm.contribution import RPolicy, local_max_abs
 from signcomm.kernels.rules import VoteRule
@@ -81,12 +82,12 @@ def _hvd():
     return hvd
 
 
-def _as_numpy(tensor):
-    """Flat float32/float64 NumPy view or copy of a gradient (fp16/bf16 via float32)."""
+def _flat(tensor):
+    """Flat contiguous float32/float64 gradient on its own device (fp16/bf16 via float32)."""
     x = tensor.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.to(torch.float32)
-    return np.ascontiguousarray(x.reshape(-1).cpu().numpy())
+    return x.reshape(-1).contiguous()
 
 
 def _count_nonfinite(x) -> int:
@@ -153,6 +154,10 @@ class MajorityVoteCompressor:
             DistributedOptimizer).
         wire: ``"float64"`` (default; exact under Sum, Average and predivide factors) or
             ``"int64"`` (fewer bits per coordinate; needs op=hvd.Sum).
+        backend: where the bits are made and the vote decoded (``signcomm.backends``):
+            ``"auto"`` (numba for CPU tensors, torch ops on the tensor's device for CUDA
+            ones: only the packed bits and the wire words cross to the host, never the
+            fp32 gradient), ``"numba"`` or ``"torch"``; same results.
         max_message_words: words per allreduce message; a tensor that needs more is
             split and the extra messages are allreduced (op=Sum) by the compressor itself,
             under the Horovod names ``{name}.{contribute}.{vote}.s{seed}.d{size}.t{step}.
@@ -168,7 +173,8 @@ class MajorityVoteCompressor:
     def __init__(self, *, contribute: str = "sign", vote: str = "sign", R="local",
                  seed: int = 0, tie: str = "coin", process_set=None, size=None, rank=None,
                  named_parameters=None, wire: str = "float64",
-                 max_message_words: int = MAX_MESSAGE_WORDS, name: str = "signcomm"):
+                 max_message_words: int = MAX_MESSAGE_WORDS, name: str = "signcomm",
+                 backend="auto"):
         if contribute not in CONTRIBUTIONS:
             raise ValueError(f"contribute must be one of {CONTRIBUTIONS}, got {contribute!r}")
         if vote not in VOTES:
@@ -205,6 +211,8 @@ class MajorityVoteCompressor:
         self._rank = None if rank is None else int(rank)
         self._named = list(named_parameters) if named_parameters is not None else None
         self.wire = wire
+        get_backend(backend)  # validates the name
+        self.backend = backend
         self.max_message_words = int(max_message_words)
         self.name = str(name)
         self._step = -1
@@ -254,7 +262,7 @@ class MajorityVoteCompressor:
             self._k.clear()
         n, rank = self.group()
         step = self._step
-        x = _as_numpy(tensor)
+        x = _flat(tensor)
         d = int(x.shape[0])
         k = self._k.get(d, 0)
         self._k[d] = k + 1
@@ -286,20 +294,37 @@ class MajorityVoteCompressor:
         return torch.from_numpy(msgs[0]).to(tensor.device), ctx
 
     def _bits(self, x, rank, step, d, k):
-        """This rank's packed bits and its NaN/Inf count (bits are zeros when > 0)."""
-        try:
-            if self.contribute == "sign":
-                key = rank_key(self.seed, K.Purpose.ZERO_COIN, rank, step, d, k)
-                return K.pack_signs(x, zero_key=key), 0
-            r = RPolicy(self.R).resolve(local_max_abs(x, [d]))  # local: R = 0 -> 1
-            if not np.all(np.isfinite(r)):
-                raise K.NonFiniteError("local R")
+        """This rank's packed bits (NumPy) and its NaN/Inf count (bits are zeros when > 0).
+        ``x`` is the flat gradient on its device; the backend makes the bits there."""
+        backend = get_backend(self.backend, x.device)
+        if self.contribute == "sign":
+            key = rank_key(self.seed, K.Purpose.ZERO_COIN, rank, step, d, k)
+        else:
             key = rank_key(self.seed, K.Purpose.STOCHASTIC_SIGN, rank, step, d, k)
-            packed, clamped = K.stochastic_sign_pack(x, r, key)
+        if backend.name == "numba":  # the finite check is fused into the kernels
+            v = x.numpy()
+            try:
+                if self.contribute == "sign":
+                    return K.pack_signs(v, zero_key=key), 0
+                r = RPolicy(self.R).resolve(local_max_abs(v, [d]))  # local: R = 0 -> 1
+                if not np.all(np.isfinite(r)):
+                    raise K.NonFiniteError("local R")
+                packed, clamped = K.stochastic_sign_pack(v, r, key)
+                self.stats["clamped"] += clamped
+                return packed, 0
+            except K.NonFiniteError:
+                return np.zeros(K.packed_nbytes(d), np.uint8), max(1, _count_nonfinite(v))
+        nonfinite = int((~torch.isfinite(x)).sum()) if d else 0
+        if nonfinite:
+            return np.zeros(K.packed_nbytes(d), np.uint8), nonfinite
+        if self.contribute == "sign":
+            packed = backend.sign_pack(x, key, 0)
+        else:
+            local = np.array([float(x.abs().max()) if d else 0.0])
+            r = RPolicy(self.R).resolve(local)
+            packed, clamped = backend.sr_pack(x, r, np.array([d], np.int64), key, 0)
             self.stats["clamped"] += clamped
-            return packed, 0
-        except K.NonFiniteError:
-            return np.zeros(K.packed_nbytes(d), np.uint8), max(1, _count_nonfinite(x))
+        return backend.host(packed), 0   # only the packed bits leave the device
 
     def decompress(self, tensor, ctx):
         """Summed wire tensor -> the vote, +1/-1 (0: tie under "zero") in the gradient's
@@ -332,7 +357,14 @@ class MajorityVoteCompressor:
             key = shared_key(self.seed, self.rule.shared_purpose(), first["step"], d, counts)
         with _threads_for(d):
             vote = K.vote_from_counts(counts, n, rule=self.rule, key=key)
-            result = torch.from_numpy(K.vote_values(vote, d))
+            backend = get_backend(self.backend, ctx.device)
+            if backend.name == "numba":
+                result = torch.from_numpy(K.vote_values(vote, d))
+            else:  # decode on the tensor's device from the packed bits (d / 8 bytes)
+                nz = vote.nonzero
+                result = backend.values(K.Vote(torch.from_numpy(vote.bits).to(ctx.device),
+                                               None if nz is None else
+                                               torch.from_numpy(nz).to(ctx.device)), d)
         if ctx.dtype != torch.float32:
             result = result.to(ctx.dtype)
         return result.view(ctx.shape).to(ctx.device)

@@ -142,7 +142,9 @@ def _grads(n, shapes, seed, zeros=0.1, dtype=torch.float32):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_simulated_allreduce_matches_oracle(n, kind):
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_simulated_allreduce_matches_oracle(n, kind, backend):
+    """Both backends (the torch one is what CUDA tensors use) give the oracle's vote."""
     contribute, vote = KINDS[kind]
     for si, scaling in enumerate(SCALINGS):
         for wire in ("float64", "int64"):
@@ -150,7 +152,8 @@ def test_simulated_allreduce_matches_oracle(n, kind):
                 continue
             seed = 10 * si + n
             comps = [C.MajorityVoteCompressor(contribute=contribute, vote=vote, seed=seed,
-                                              size=n, rank=j, wire=wire) for j in range(n)]
+                                              size=n, rank=j, wire=wire, backend=backend)
+                     for j in range(n)]
             grads = _grads(n, SHAPES, seed)
             order = list(np.random.default_rng(seed).permutation(n))
             outs = simulate(comps, grads, order=order, **scaling)
@@ -167,9 +170,10 @@ def test_simulated_allreduce_matches_oracle(n, kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_dtypes_keep_dtype_shape_and_match_oracle(dtype):
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_dtypes_keep_dtype_shape_and_match_oracle(dtype, backend):
     n = 4
-    comps = [C.SignCompressor(size=n, rank=j, tie="zero") for j in range(n)]
+    comps = [C.SignCompressor(size=n, rank=j, tie="zero", backend=backend) for j in range(n)]
     grads = _grads(n, [(2, 3, 4), (17,)], 7, dtype=dtype)
     outs = simulate(comps, grads, op="average")
     for nm, t in grads[0].items():
@@ -277,12 +281,14 @@ def test_int64_wire_needs_sum():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_nonfinite_raises_on_every_rank_naming_the_tensor(bad, kind):
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_nonfinite_raises_on_every_rank_naming_the_tensor(bad, kind, backend):
     n = 4
     contribute, vote = KINDS[kind]
     params = [torch.nn.Parameter(torch.zeros(6)) for _ in range(n)]
     comps = [C.MajorityVoteCompressor(contribute=contribute, vote=vote, size=n, rank=j,
-                                      named_parameters=[("layer.weight", params[j])])
+                                      named_parameters=[("layer.weight", params[j])],
+                                      backend=backend)
              for j in range(n)]
     grads = _grads(n, [(6,)], 5)
     grads[2]["t0"][3] = bad
