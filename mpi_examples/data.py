@@ -2,7 +2,7 @@
 CIFAR-10/100 python archives read from disk with a restricted unpickler.
 
 Everything here is plain NumPy/torch on one process: no MPI.  ``shard`` decides which
-training samples each rank sees (IID or label-skewed), ``batches`` yields a rank's
+training samples each rank sees (IID or one of the label-skewed splits), ``batches`` yields a rank's
 minibatches for one epoch.
 """
 from __future__ import annotations
@@ -244,17 +244,38 @@ def limit_train(ds: Dataset, n: int) -> Dataset:
 # ---------------------------------------------------------------------------------------
 # sharding and batching
 # ---------------------------------------------------------------------------------------
+SPLITS = ("iid", "sorted", "skew2", "dirichlet")
+
+
 def shard(y: np.ndarray, rank: int, size: int, *, heterogeneous: bool = False,
-          seed: int = 0) -> np.ndarray:
+          seed: int = 0, split: str | None = None, alpha: float = 0.1) -> np.ndarray:
     """Indices of the training samples rank ``rank`` of ``size`` trains on.
 
-    Every rank gets the same number of samples, ``len(y) // size`` (the remainder is
-    left out), so all ranks make the same number of steps per epoch.
-    - IID (default): a random permutation (fixed by ``seed``) cut into equal parts.
-    - heterogeneous: label-skewed shares, the paper's distributed setting: the samples
-      are sorted by label (ties in a seeded random order) and cut into contiguous equal
-      parts, so each rank sees only about ``classes / size`` classes (McMahan et al.'s
-      "pathological non-IID" split)."""
+    Every rank gets the same number of samples (``len(y) // size``; ``2 * (len(y) //
+    (2 size))`` for skew2; the remainder is left out), so all ranks make the same number
+    of steps per epoch.  ``split`` (``heterogeneous=True`` is ``split="sorted"``):
+
+    - "iid" (default): a random permutation (fixed by ``seed``) cut into equal parts.
+    - "sorted": label-skewed, the samples sorted by label (ties in a seeded random order)
+      and cut into contiguous equal parts, so each rank sees only about
+      ``classes / size`` classes.
+    - "skew2": each rank holds two label-sorted shards of ``len(y) // (2 size)`` samples
+      (McMahan et al.'s "pathological non-IID" split): the sorted samples are cut into
+      ``2 size`` shards and rank r gets shards ``p_r`` and ``p_r + size`` for a seeded
+      permutation p, so its two shards are half the label range apart: two classes
+      (a shard that straddles a class boundary adds a third or fourth, rarely).
+    - "dirichlet": each rank draws its own class mixture ``pi ~ Dirichlet(alpha)``
+      (Hsu et al. 2019: equal shares, skewed labels; alpha = 0.1 gives one or two
+      dominant classes per rank) and takes its share from the classes in those
+      proportions, without replacement; ranks draw in order, and where a class runs out
+      the rank tops up from its next most likely classes, so late ranks are somewhat
+      less skewed than their draw."""
+    if split is None:
+        split = "sorted" if heterogeneous else "iid"
+    elif heterogeneous and split != "sorted":
+        raise DataError(f"heterogeneous=True is split='sorted', not {split!r}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     n = len(y)
     if size > n:
         raise DataError(f"{size} ranks but only {n} training samples: launch at most {n} ranks")
@@ -263,9 +284,54 @@ def shard(y: np.ndarray, rank: int, size: int, *, heterogeneous: bool = False,
         raise DataError(f"{size} ranks leave no training sample per rank")
     rng = np.random.default_rng([seed, 7919])
     perm = rng.permutation(n)
-    if heterogeneous:
-        perm = perm[np.argsort(y[perm], kind="stable")]
-    return np.sort(perm[rank * per:(rank + 1) * per])
+    if split == "iid":
+        return np.sort(perm[rank * per:(rank + 1) * per])
+    by_label = perm[np.argsort(y[perm], kind="stable")]
+    if split == "sorted":
+        return np.sort(by_label[rank * per:(rank + 1) * per])
+    if split == "skew2":
+        length = n // (2 * size)
+        if length == 0:
+            raise DataError(f"skew2 needs at least {2 * size} training samples for {size} ranks")
+        p = np.random.default_rng([seed, 7919, 2]).permutation(size)[rank]
+        return np.sort(np.concatenate([by_label[k * length:(k + 1) * length]
+                                       for k in (p, p + size)]))
+    return np.sort(dirichlet_shares(y, size, alpha, seed)[rank])
+
+
+def dirichlet_shares(y: np.ndarray, size: int, alpha: float, seed: int = 0) -> list:
+    """Every rank's share of the "dirichlet" split (see ``shard``): the same on every
+    rank, since it depends only on (y, size, alpha, seed)."""
+    if not (alpha > 0 and np.isfinite(alpha)):
+        raise DataError(f"the Dirichlet concentration alpha must be positive, got {alpha}")
+    n = len(y)
+    per = n // size
+    rng = np.random.default_rng([seed, 7919, 3])
+    classes = np.unique(y)
+    pools = [list(np.flatnonzero(y == c)[rng.permutation(int((y == c).sum()))]) for c in classes]
+    shares = []
+    for _ in range(size):
+        pi = rng.dirichlet(np.full(len(classes), float(alpha)))
+        want = rng.multinomial(per, pi)
+        take = [min(int(w), len(pool)) for w, pool in zip(want, pools)]
+        missing = per - sum(take)
+        for c in np.argsort(-pi, kind="stable"):  # top up from the next most likely classes
+            if missing == 0:
+                break
+            extra = min(missing, len(pools[c]) - take[c])
+            take[c] += extra
+            missing -= extra
+        mine = []
+        for c, k in enumerate(take):
+            mine += pools[c][:k]
+            del pools[c][:k]
+        shares.append(np.array(mine, dtype=np.int64))
+    return shares
+
+
+def label_histogram(y: np.ndarray, indices: np.ndarray, num_classes: int) -> list:
+    """Samples per class in ``indices`` (for the metrics file: how skewed a share is)."""
+    return np.bincount(y[indices], minlength=num_classes).astype(int).tolist()
 
 
 def check_batch_size(batch_size: int, share: int, size: int):

@@ -2,7 +2,8 @@
 """Data-parallel training with signs instead of floats, and the baselines it is compared with.
 
     horovodrun -np 8 python mpi_examples/train.py --method mvsm-v1
-    mpirun -np 8 python mpi_examples/train.py --method signsgd-mv --heterogeneous
+    mpirun -np 8 python mpi_examples/train.py --method signsgd-mv --split skew2
+    mpirun -np 8 python mpi_examples/train.py --method mvsm-v1 --split dirichlet --alpha 0.1
     python mpi_examples/train.py --method signum            # one process
     mpirun -np 8 python mpi_examples/train.py --grid method=mvsm-v1,signsgd-mv \\
         --grid lr=0.001,0.005 --grid seed=0,1 --out-dir runs/grid   # many runs, one launch
@@ -103,6 +104,24 @@ def schedule_name(text):
     return text
 
 
+def split_name(text):
+    if text not in D.SPLITS:
+        raise argparse.ArgumentTypeError(f"unknown split {text!r}; choose one of: "
+                                         + ", ".join(D.SPLITS))
+    return text
+
+
+def r_policy(text):
+    """--R: "global", "local" or a positive number (a fixed R)."""
+    if text in ("global", "local"):
+        return text
+    try:
+        return positive_float(text)
+    except (argparse.ArgumentTypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be global, local or a positive number, "
+                                         f"got {text!r}") from None
+
+
 def bool_word(text):
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -116,6 +135,7 @@ GRID_KEYS = {
     "method": method_name, "lr": positive_float, "beta": beta_float, "seed": nonneg_int,
     "schedule": schedule_name, "byzantine": nonneg_int, "heterogeneous": bool_word,
     "batch_size": positive_int, "epochs": positive_int, "weight_decay": float,
+    "split": split_name, "alpha": positive_float, "R": r_policy,
 }
 
 
@@ -147,8 +167,19 @@ def build_parser():
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--train-samples", type=positive_int, default=None, metavar="N",
                    help="use only the first N training samples (quick trials)")
+    p.add_argument("--split", type=split_name, default=None,
+                   help="how the training set is shared out: iid (default), sorted "
+                        "(label-sorted contiguous parts), skew2 (two label-sorted shards "
+                        "per rank), dirichlet (class mixture per rank ~ Dirichlet(alpha))")
+    p.add_argument("--alpha", type=positive_float, default=0.1,
+                   help="concentration of --split dirichlet (default 0.1; smaller = more "
+                        "skewed)")
     p.add_argument("--heterogeneous", action="store_true",
-                   help="label-skewed shares: each rank sees about classes/ranks labels")
+                   help="the same as --split sorted: each rank sees about classes/ranks labels")
+    p.add_argument("--R", type=r_policy, default=None,
+                   help="R of the S_R methods (mvsm-v1/v2, sto-signsgd, mv-sto-signsgd-sim): "
+                        "global (the optimizer's default: max over ranks), local (this "
+                        "rank's max) or a fixed number")
     p.add_argument("--byzantine", type=nonneg_int, default=0, metavar="K",
                    help="the last K ranks send inverted signs (gradients, for the fp32 "
                         "baselines)")
@@ -187,6 +218,9 @@ class RunConfig:
     batch_size: int
     epochs: int
     weight_decay: float
+    split: str = "iid"
+    alpha: float | None = None
+    R: object = None  # None: the optimizer's default R policy
     varied: tuple = field(default=(), compare=False)  # the keys a grid varies
 
     def run_id(self) -> str:
@@ -195,8 +229,14 @@ class RunConfig:
             parts.append(f"beta{self.beta:g}")
         if self.schedule:
             parts.append(self.schedule)
-        if self.heterogeneous:
+        if self.split == "sorted":
             parts.append("het")
+        elif self.split == "dirichlet":
+            parts.append(f"dir{self.alpha:g}")
+        elif self.split != "iid":
+            parts.append(self.split)
+        if self.R is not None:
+            parts.append(f"R{self.R:g}" if isinstance(self.R, float) else f"R{self.R}")
         if self.byzantine:
             parts.append(f"byz{self.byzantine}")
         if "batch_size" in self.varied:
@@ -213,19 +253,30 @@ def base_config(args, **over) -> RunConfig:
     values = dict(method=args.method, lr=args.lr, beta=args.beta, seed=args.seed,
                   schedule=args.schedule, byzantine=args.byzantine,
                   heterogeneous=args.heterogeneous, batch_size=args.batch_size,
-                  epochs=args.epochs, weight_decay=args.weight_decay)
+                  epochs=args.epochs, weight_decay=args.weight_decay,
+                  split=args.split, alpha=args.alpha, R=args.R)
     values.update(over)
     return finish_config(RunConfig(**values))
 
 
 def finish_config(cfg: RunConfig) -> RunConfig:
-    """Fill the per-method defaults; drop beta where the method has no momentum."""
+    """Fill the per-method defaults; drop beta where the method has no momentum; the
+    split (--heterogeneous is --split sorted; alpha only for dirichlet)."""
     lr_default, beta_default = M.DEFAULTS[cfg.method]
     lr = cfg.lr if cfg.lr is not None else lr_default
     beta = cfg.beta if cfg.beta is not None else beta_default
     if not M.uses_beta(cfg.method):
         beta = None
-    return replace(cfg, lr=lr, beta=beta)
+    split = cfg.split
+    if cfg.heterogeneous:
+        if split not in (None, "iid", "sorted"):
+            raise UsageError(f"--heterogeneous is --split sorted; it does not combine with "
+                             f"--split {split}")
+        split = "sorted"
+    split = split or "iid"
+    alpha = (cfg.alpha if cfg.alpha is not None else 0.1) if split == "dirichlet" else None
+    return replace(cfg, lr=lr, beta=beta, split=split, alpha=alpha,
+                   heterogeneous=split != "iid")
 
 
 def parse_grid(items):
@@ -310,10 +361,41 @@ def validate(cfg: RunConfig, cluster, share: int):
     if cfg.schedule is not None and fam not in ("vote",):
         raise UsageError(f"--schedule applies to the majority-vote methods "
                          f"({', '.join(M.VOTE_METHODS)}), not to {cfg.method}")
+    if cfg.R is not None and fam != "vote":
+        raise UsageError(f"--R applies to the S_R majority-vote methods, not to {cfg.method}")
     try:
         D.check_batch_size(cfg.batch_size, share, n)
     except D.DataError as exc:
         raise UsageError(str(exc))
+
+
+def with_r_policy(method, cfg: RunConfig, model, cluster, byzantine):
+    """--R: rebuild the majority-vote method's optimizer with that R policy (the same
+    options ``methods.SignCommMethod`` passes, plus R).  The preset lock refuses R for
+    the sign presets (signsgd-mv, signum-mv) with a ValueError."""
+    import signcomm
+    options = dict(transport=cluster.engine, seed=cfg.seed, R=cfg.R)
+    if M.uses_beta(cfg.method) and cfg.beta is not None:
+        options["beta"] = cfg.beta
+    if cfg.weight_decay:
+        options["weight_decay"] = cfg.weight_decay
+    if cfg.schedule is not None:
+        options["schedule"] = cfg.schedule
+    if byzantine:
+        options["byzantine"] = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = signcomm.create_optimizer(cfg.method, params, lr=cfg.lr, **options)
+    old, method.opt = method.opt, opt
+    if hasattr(old, "close"):
+        old.close()
+
+
+def share_labels(data, n: int, cfg: RunConfig) -> list:
+    """Samples per class of every rank's share (shares are a pure function of the
+    labels, n and the seed, so rank 0 computes them all without communicating)."""
+    return [D.label_histogram(data.y_train, D.shard(data.y_train, r, n, split=cfg.split,
+                                                    alpha=cfg.alpha or 0.1, seed=cfg.seed),
+                              data.num_classes) for r in range(n)]
 
 
 def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult:
@@ -326,7 +408,11 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
     rank, n = cluster.rank, cluster.size
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    train_idx = D.shard(data.y_train, rank, n, heterogeneous=cfg.heterogeneous, seed=cfg.seed)
+    try:
+        train_idx = D.shard(data.y_train, rank, n, split=cfg.split, alpha=cfg.alpha or 0.1,
+                            seed=cfg.seed)
+    except D.DataError as exc:
+        raise UsageError(str(exc))
     # evaluation covers the whole training and test sets, split over the ranks
     eval_train_idx = np.arange(rank, len(data.y_train), n)
     test_idx = np.arange(rank, len(data.y_test), n)
@@ -341,6 +427,8 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
         method = M.create(cfg.method, model, cluster, lr=cfg.lr, beta=cfg.beta,
                           schedule=cfg.schedule, seed=cfg.seed,
                           byzantine=byzantine and fam == "vote", weight_decay=cfg.weight_decay)
+        if cfg.R is not None:
+            with_r_policy(method, cfg, model, cluster, byzantine)
     except ValueError as exc:  # the optimizer's own argument checks, alike on every rank
         raise UsageError(f"{cfg.method}: {exc}")
     # Faulty ranks of the other families invert what they send by inverting their gradient.
@@ -350,11 +438,13 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
     writer = MET.MetricsWriter(metrics_path if rank == 0 else None)
     config_rec = dict(run_id=cfg.run_id(), method=cfg.method, lr=cfg.lr, beta=cfg.beta,
                       seed=cfg.seed, schedule=cfg.schedule, byzantine=cfg.byzantine,
-                      heterogeneous=cfg.heterogeneous, batch_size=cfg.batch_size,
+                      heterogeneous=cfg.heterogeneous, split=cfg.split, alpha=cfg.alpha,
+                      R=cfg.R, batch_size=cfg.batch_size,
                       epochs=cfg.epochs, weight_decay=cfg.weight_decay, ranks=n,
                       engine=cluster.engine, data=args.data, model=args.model,
                       num_params=d, train_samples=len(data.y_train),
                       train_share=len(train_idx), test_samples=len(data.y_test),
+                      share_labels=share_labels(data, n, cfg),
                       steps_per_epoch=steps, wire=method.wire,
                       fp32_allreduce_bytes_per_step=M.fp32_allreduce_bytes(d, n))
     writer.write("config", **config_rec)
@@ -429,7 +519,8 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
                    bytes_sent_per_rank_per_step=totals["sent"] / max(step, 1),
                    fp32_allreduce_bytes_per_rank=M.fp32_allreduce_bytes(d, n) * step,
                    wall_s=time.perf_counter() - wall0, diverged=diverged,
-                   byzantine=cfg.byzantine, heterogeneous=cfg.heterogeneous)
+                   byzantine=cfg.byzantine, heterogeneous=cfg.heterogeneous,
+                   split=cfg.split, alpha=cfg.alpha, R=cfg.R)
     writer.write("summary", **summary)
     writer.close()
     return RunResult(cfg, model, summary, metrics_path)

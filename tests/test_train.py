@@ -454,3 +454,80 @@ def test_models_shapes():
     assert MOD.build("cnn", (1, 8, 8), 10)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     assert 11_000_000 < MOD.count_parameters(MOD.build("resnet18", (3, 32, 32), 10)) < 11_300_000
     assert 23_000_000 < MOD.count_parameters(MOD.build("resnet50", (3, 32, 32), 100)) < 24_000_000
+
+
+# ---------------------------------------------------------------------------------------
+# --split iid|sorted|skew2|dirichlet --alpha, --R (issue 15): shares, configs, a 2-rank run
+# ---------------------------------------------------------------------------------------
+def test_label_skewed_splits():
+    """Equal, disjoint shares for every split; skew2: two label-sorted shards per rank
+    (2-4 classes, two shards half the label range apart); dirichlet: each rank dominated
+    by few classes, smaller alpha more skewed, the same shares for the same seed."""
+    y = D.load_digits().y_train
+    n = 8
+    for split in D.SPLITS:
+        shares = [D.shard(y, r, n, split=split, alpha=0.1, seed=2) for r in range(n)]
+        assert len({len(s) for s in shares}) == 1, split
+        allidx = np.concatenate(shares)
+        assert len(np.unique(allidx)) == len(allidx), split
+    top = lambda s: np.bincount(y[s], minlength=10).max() / len(s)  # noqa: E731
+    skew2 = [D.shard(y, r, n, split="skew2", seed=2) for r in range(n)]
+    assert all(2 <= len(np.unique(y[s])) <= 4 for s in skew2)
+    dir01 = [D.shard(y, r, n, split="dirichlet", alpha=0.1, seed=2) for r in range(n)]
+    dir10 = [D.shard(y, r, n, split="dirichlet", alpha=10.0, seed=2) for r in range(n)]
+    assert np.mean([top(s) for s in dir01]) > 0.4 > np.mean([top(s) for s in dir10])
+    again = D.shard(y, 3, n, split="dirichlet", alpha=0.1, seed=2)
+    assert np.array_equal(again, dir01[3])
+    assert np.array_equal(D.shard(y, 1, n, heterogeneous=True), D.shard(y, 1, n, split="sorted"))
+    with pytest.raises(D.DataError, match="alpha must be positive"):
+        D.shard(y, 0, n, split="dirichlet", alpha=0.0)
+
+
+def test_split_and_r_flags_in_configs():
+    """run ids and config values of the new flags; --heterogeneous is --split sorted and
+    does not combine with another split; bad values are usage errors."""
+    from mpi_examples import train as T
+    parse = T.build_parser().parse_args
+    cfg, = T.expand_runs(parse(["--split", "dirichlet", "--alpha", "0.3", "--R", "local"]))
+    assert (cfg.split, cfg.alpha, cfg.R, cfg.heterogeneous) == ("dirichlet", 0.3, "local", True)
+    assert "dir0.3" in cfg.run_id() and "Rlocal" in cfg.run_id()
+    cfg, = T.expand_runs(parse(["--split", "skew2", "--alpha", "0.3", "--R", "0.05"]))
+    assert cfg.alpha is None and cfg.R == 0.05
+    assert "skew2_" in cfg.run_id() and "R0.05" in cfg.run_id()
+    cfg, = T.expand_runs(parse(["--heterogeneous"]))
+    assert cfg.split == "sorted" and "_het_" in cfg.run_id()
+    cfg, = T.expand_runs(parse([]))
+    assert cfg.split == "iid" and not cfg.heterogeneous
+    with pytest.raises(T.UsageError, match="does not combine"):
+        T.expand_runs(parse(["--heterogeneous", "--split", "skew2"]))
+    with pytest.raises(T.UsageError, match="--grid split"):
+        T.expand_runs(parse(["--grid", "split=iid,bogus"]))
+    p = run_cli("--split", "bogus")
+    assert_clean_failure(p.stderr, p.returncode, "unknown split 'bogus'", "dirichlet")
+
+
+@pytest.mark.multirank
+def test_split_runs_on_two_ranks(tmp_path):
+    """skew2 and dirichlet shares with R = local on 2 ranks, one short epoch each: the
+    metrics say what ran (split, alpha, R, every rank's labels, as D.shard gives them),
+    ranks end identical; --R on a sign preset is refused by the preset lock."""
+    plan = [{"method": "mvsm-v1", "split": "skew2"},
+            {"method": "mvsm-v2", "split": "dirichlet", "alpha": 0.5, "R": "local"}]
+    job = launch(ROOT / "tests" / "workers" / "train_worker.py", 2, launcher="mpirun",
+                 timeout=180, env={"OMP_NUM_THREADS": "1"},
+                 args=["--plan", plan_file(tmp_path, plan), "--epochs", 1, "--batch-size", 32,
+                       "--train-samples", 600, "--no-full-grad", "--out-dir", tmp_path / "runs"])
+    assert_ranks_identical(job, len(plan))
+    runs = read_runs(tmp_path / "runs")
+    y = D.load_digits().y_train[:600]
+    for spec in plan:
+        cfg = next(r[0] for r in runs.values() if r[0]["split"] == spec["split"])
+        assert cfg["R"] == spec.get("R") and cfg["alpha"] == spec.get("alpha")
+        shares = [D.shard(y, r, 2, split=spec["split"], alpha=spec.get("alpha", 0.1), seed=0)
+                  for r in range(2)]
+        want = [np.bincount(y[s], minlength=10).tolist() for s in shares]
+        assert cfg["share_labels"] == want
+        if spec["split"] == "skew2":  # two shards of a quarter of the sorted labels each
+            assert all(sum(1 for k in w if k) <= 7 for w in want), want
+    p = run_cli("--method", "signsgd-mv", "--R", "local", "--epochs", 1)
+    assert_clean_failure(p.stderr, p.returncode, "signsgd-mv fixes R")
