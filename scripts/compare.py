@@ -1,23 +1,35 @@
 #!/usr/bin/env python
-"""The paper's two experiments (section 5) in miniature, on scikit-learn's digits:
+"""The paper's two experiments (section 5) in miniature, on scikit-learn's digits, and
+the heterogeneous case its distributed theory is about:
 
 1. centralized, one process: Signum, signSGD, SGDM, AdamW (the paper: ResNet-18 on
    CIFAR-10, Figure 1);
-2. distributed, 8 ranks (mpirun, mpi4py): MVSM v1/v2, signSGD-MV, Signum-MV, Sto-signSGD,
-   MV-sto-signSGD-SIM and SGDM over an fp32 allreduce (the paper: ResNet-50 on CIFAR-100,
-   Figure 2); plus the majority-vote methods with 2 of 8 ranks Byzantine.
+2. distributed, 8 ranks (mpirun, mpi4py), i.i.d. shares: MVSM v1/v2, signSGD-MV,
+   Signum-MV, Sto-signSGD, MV-sto-signSGD-SIM and SGDM over an fp32 allreduce (the paper:
+   ResNet-50 on CIFAR-100, Figure 2); plus the majority-vote methods with 2 of 8 ranks
+   Byzantine;
+3. heterogeneous, 8 ranks, label-skewed shares (default: each rank's class mixture drawn
+   from Dirichlet(alpha = 0.1), train.py --split dirichlet): the same methods and
+   protocol, plus MVSM-v1 with a per-rank ("local") R.  The theory: signSGD-MV follows
+   the median of the ranks' gradient signs, MVSM with a shared R their mean; a local R
+   weights each rank by 1/R_j.
+
+MV-sto-signSGD-SIM is MVSM-v1 at a = 0 (the paper, section 4.2) up to the momentum's
+start: v_0 = 0 (so v_1 = beta g_1) against MVSM's v_1 = g_1; the tables list both.
 
 Each experiment is a small grid over beta and lr (seed 0), then the best setting of each
 method (highest final test accuracy, ties by lower training loss) again with more seeds;
 the figures show mean and +-1 std over those seeds.  Many runs share one launch
-(train.py --plan), so the 7-s start of an 8-rank torch job is paid four times, not once
+(train.py --plan), so the 7-s start of an 8-rank torch job is paid six times, not once
 per run.
 
     python scripts/compare.py                 # `make compare`: results/compare/
     python scripts/compare.py --quick         # a smaller grid, for a smoke test
+    python scripts/compare.py --skip-centralized --skip-iid --split skew2 --out DIR
 
 Outputs in --out: results.md (tables), centralized.png, distributed.png, byzantine.png,
-best.json; the metrics files of every run go to --runs-dir (runs/compare/).
+heterogeneous.png, best.json; the metrics files of every run go to --runs-dir
+(runs/compare/).
 """
 from __future__ import annotations
 
@@ -60,26 +72,37 @@ GRIDS = {
         "sgdm": dict(lr=[0.1, 0.05, 0.02], beta=[0.1]),
     },
 }
-QUICK_GRIDS = {
-    "centralized": {m: {k: v[:1] for k, v in g.items()} for m, g in GRIDS["centralized"].items()},
-    "distributed": {m: {k: v[:1] for k, v in g.items()} for m, g in GRIDS["distributed"].items()},
-}
+# The heterogeneous arm: every distributed method, plus MVSM-v1 with a per-rank R (the
+# grid's keys are labels; "method" and "R" say what runs).
+GRIDS["heterogeneous"] = dict(GRIDS["distributed"])
+GRIDS["heterogeneous"]["mvsm-v1 (R=local)"] = dict(method="mvsm-v1", R="local", lr=SIGN_LR,
+                                                   beta=BETAS)
+QUICK_GRIDS = {name: {m: {k: (v[:1] if isinstance(v, list) else v) for k, v in g.items()}
+                      for m, g in grid.items()} for name, grid in GRIDS.items()}
 VOTE_METHODS = ("mvsm-v1", "mvsm-v2", "signsgd-mv", "signum-mv", "sto-signsgd",
                 "mv-sto-signsgd-sim")
 
 
 def expand(grid, seed, schedule=None):
     runs = []
-    for method, axes in grid.items():
+    for label, axes in grid.items():
+        method = axes.get("method", label)
         for lr in axes["lr"]:
             for beta in axes.get("beta", [None]):
                 run = {"method": method, "lr": lr, "seed": seed}
                 if beta is not None:
                     run["beta"] = beta
+                if axes.get("R") is not None:
+                    run["R"] = axes["R"]
                 if schedule and method in VOTE_METHODS:
                     run["schedule"] = schedule
                 runs.append(run)
     return runs
+
+
+def label(cfg):
+    """The row name of a run: its method, and its R policy where one was set."""
+    return cfg["method"] + (f" (R={cfg['R']})" if cfg.get("R") is not None else "")
 
 
 def bin_path(name):
@@ -125,7 +148,7 @@ def pick_best(runs):
         if acc is None or s.get("diverged"):
             continue
         key = (acc, -(loss if loss is not None else math.inf))
-        m = r["cfg"]["method"]
+        m = label(r["cfg"])
         if m not in best or key > best[m][0]:
             best[m] = (key, r)
     return {m: r for m, (_, r) in best.items()}
@@ -137,6 +160,8 @@ def setting(cfg):
         d["beta"] = cfg["beta"]
     if cfg.get("schedule"):
         d["schedule"] = cfg["schedule"]
+    if cfg.get("R") is not None:
+        d["R"] = cfg["R"]
     return d
 
 
@@ -182,15 +207,51 @@ def table(rows_by_method, title, ranks):
 def grid_table(runs, title):
     lines = [f"#### {title}: every grid run (seed 0)", "",
              "| method | lr | beta | test acc | train loss |", "| --- | --- | --- | --- | --- |"]
-    for r in sorted(runs, key=lambda r: (r["cfg"]["method"], -r["cfg"]["lr"],
+    for r in sorted(runs, key=lambda r: (label(r["cfg"]), -r["cfg"]["lr"],
                                           -(r["cfg"].get("beta") or 0))):
         s, cfg = r["s"], r["cfg"]
         beta = "-" if cfg.get("beta") is None else f"{cfg['beta']:g}"
         acc = s.get("final_test_acc")
         loss = s.get("final_train_loss")
-        lines.append(f"| {cfg['method']} | {cfg['lr']:g} | {beta} | "
+        lines.append(f"| {label(cfg)} | {cfg['lr']:g} | {beta} | "
                      f"{'n/a' if acc is None else f'{acc:.4f}'} | "
                      f"{'n/a' if loss is None else f'{loss:.4f}'} |")
+    return "\n".join(lines)
+
+
+def split_summary(runs, num_classes=10):
+    """How skewed the heterogeneous shares are, from a run's config (seed 0): per rank,
+    the classes that make up at least 10% of its share, largest first."""
+    for r in runs:
+        hist = r["cfg"].get("share_labels")
+        if hist and r["cfg"].get("seed") == 0:
+            parts = []
+            for j, h in enumerate(hist):
+                total = sum(h)
+                top = sorted(((c, k) for c, k in enumerate(h) if k >= 0.1 * total),
+                             key=lambda x: -x[1])
+                present = sum(1 for k in h if k)
+                parts.append(f"rank {j}: " + ", ".join(f"{c} ({k / total:.0%})" for c, k in top)
+                             + f" [{present} classes]")
+            return "; ".join(parts)
+    return None
+
+
+def versus_table(iid_rows, het_rows, split_name):
+    """Final test accuracy per method, i.i.d. against heterogeneous shares."""
+    lines = [f"### I.i.d. against {split_name} shares (8 ranks, mean over seeds)", "",
+             "| method | i.i.d. test acc | heterogeneous test acc | change | "
+             "heterogeneous train loss |", "| --- | --- | --- | --- | --- |"]
+    order = sorted(het_rows, key=lambda m: -stats([r["s"].get("final_test_acc")
+                                                    for r in het_rows[m]])[0])
+    for m in order:
+        het = stats([r["s"].get("final_test_acc") for r in het_rows[m]])
+        loss = stats([r["s"].get("final_train_loss") for r in het_rows[m]])
+        iid = stats([r["s"].get("final_test_acc") for r in iid_rows[m]]) if m in iid_rows else None
+        iid_txt = f"{iid[0]:.4f} +- {iid[1]:.4f}" if iid else "-"
+        change = f"{het[0] - iid[0]:+.4f}" if iid else "-"
+        lines.append(f"| {m} | {iid_txt} | {het[0]:.4f} +- {het[1]:.4f} | {change} | "
+                     f"{loss[0]:.4f} +- {loss[1]:.4f} |")
     return "\n".join(lines)
 
 
@@ -211,12 +272,19 @@ def main(argv=None):
     ap.add_argument("--schedule", default="sharded",
                     help="vote schedule of the majority-vote methods (default sharded: "
                          "1 bit up, 1 bit down)")
+    ap.add_argument("--split", default="dirichlet", choices=("sorted", "skew2", "dirichlet"),
+                    help="the heterogeneous arm's split (train.py --split; default dirichlet)")
+    ap.add_argument("--alpha", type=float, default=0.1,
+                    help="Dirichlet concentration of --split dirichlet (default 0.1)")
     ap.add_argument("--quick", action="store_true", help="one setting per method, 1 seed")
     ap.add_argument("--skip-centralized", action="store_true")
+    ap.add_argument("--skip-iid", action="store_true", help="skip the i.i.d. distributed arm")
+    ap.add_argument("--skip-heterogeneous", action="store_true")
     args = ap.parse_args(argv)
     grids = QUICK_GRIDS if args.quick else GRIDS
     seeds = 1 if args.quick else args.seeds
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(args.runs_dir)
     if runs_dir.exists():
         shutil.rmtree(runs_dir)
@@ -225,6 +293,10 @@ def main(argv=None):
     def log(msg):
         print(msg, flush=True)
 
+    split_name = (f"Dirichlet(alpha = {args.alpha:g})" if args.split == "dirichlet"
+                  else {"skew2": "two-shard (skew2)", "sorted": "label-sorted"}[args.split])
+    split_args = ["--split", args.split] + (["--alpha", str(args.alpha)]
+                                            if args.split == "dirichlet" else [])
     central_bs = args.central_batch_size or args.ranks * args.batch_size
     report = [f"# make compare: the paper's experiments in miniature on digits", "",
               f"Digits (1438 train / 359 test images, 8x8), small CNN "
@@ -232,14 +304,24 @@ def main(argv=None):
               f"rank on {args.ranks} ranks, {central_bs} in the one-process runs (the same "
               f"global batch, so the same number of steps). Grid: beta in {BETAS}, sign lr in {SIGN_LR} (SGDM and AdamW: their own "
               f"lr ranges); best setting per method = highest final test accuracy of "
-              f"seed 0, then rerun with {seeds} seed(s). Vote schedule: {args.schedule}.", ""]
-    best_all = {}
-    experiments = [] if args.skip_centralized else [("centralized", 1)]
-    experiments.append(("distributed", args.ranks))
-    for name, ranks in experiments:
+              f"seed 0, then rerun with {seeds} seed(s). Vote schedule: {args.schedule}. "
+              f"The heterogeneous arm splits the training set over the ranks by "
+              f"{split_name} (train.py {' '.join(split_args)}).", "",
+              "MV-sto-signSGD-SIM is MVSM-v1 at a = 0 (the paper, section 4.2) up to where "
+              "the momentum starts: v_0 = 0, so v_1 = beta g_1, against MVSM's v_1 = g_1; "
+              "both are listed, and any gap between them comes from that first step and "
+              "from the grid picking other settings.", ""]
+    best_all, rows_all, timings = {}, {}, []
+    experiments = [] if args.skip_centralized else [("centralized", 1, [])]
+    if not args.skip_iid:
+        experiments.append(("distributed", args.ranks, []))
+    if not args.skip_heterogeneous:
+        experiments.append(("heterogeneous", args.ranks, split_args))
+    for name, ranks, extra in experiments:
+        t_exp = time.time()
         log(f"== {name} ({ranks} rank(s)): grid")
         bs = args.batch_size if ranks > 1 else central_bs
-        common = ["--epochs", str(args.epochs), "--batch-size", str(bs)]
+        common = ["--epochs", str(args.epochs), "--batch-size", str(bs), *extra]
         # one compute thread per process: the tiny CNN gains nothing from more
         env = {"OMP_NUM_THREADS": "1"}
         grid_dir = runs_dir / name / "grid"
@@ -252,39 +334,52 @@ def main(argv=None):
             log(f"  no usable run for {sorted(missing)} (all diverged?)")
         best_all[name] = {m: setting(r["cfg"]) for m, r in best.items()}
         plan = [dict(setting(r["cfg"]), seed=s) for r in best.values() for s in range(1, seeds)]
-        if name == "distributed" and args.byzantine:
-            plan += [dict(setting(best[m]["cfg"]), seed=s, byzantine=args.byzantine)
+        byzantine = args.byzantine if name == "distributed" else 0
+        if byzantine:
+            plan += [dict(setting(best[m]["cfg"]), seed=s, byzantine=byzantine)
                      for m in VOTE_METHODS if m in best for s in range(seeds)]
         seeds_dir = runs_dir / name / "seeds"
         if plan:
             log(f"== {name}: best settings with more seeds"
-                + (f", and {args.byzantine} Byzantine ranks" if name == "distributed" else ""))
+                + (f", and {byzantine} Byzantine ranks" if byzantine else ""))
             launch(ranks, plan, seeds_dir, common, log, env)
         more = summaries(seeds_dir) if plan else []
         rows = {}
         for m, r in best.items():
             rows[m] = [r] + [x for x in more if setting(x["cfg"]) == setting(r["cfg"])
                              and not x["cfg"].get("byzantine")]
+        rows_all[name] = rows
         fig_runs = [x["run"] for rs in rows.values() for x in rs]
         fig = out / f"{name}.png"
-        P.plot(P.group_runs(fig_runs), fig, title=f"{name}: digits, {ranks} rank(s), "
-               f"best grid setting per method, {seeds} seed(s)")
-        report += [table(rows, f"{name.capitalize()} ({ranks} rank(s))", ranks), "",
-                   f"![{name}]({fig.name})", ""]
-        if name == "distributed" and args.byzantine:
+        where = f", {split_name} shares" if name == "heterogeneous" else ""
+        P.plot(P.group_runs(fig_runs, ("method", "R")), fig,
+               title=f"{name}: digits, {ranks} rank(s){where}, best grid setting per "
+                     f"method, {seeds} seed(s)")
+        title = f"{name.capitalize()} ({ranks} rank(s){where})"
+        report += [table(rows, title, ranks), "", f"![{name}]({fig.name})", ""]
+        if name == "heterogeneous":
+            shares = split_summary(grid)
+            if shares:
+                report += [f"Shares of seed 0 (classes with at least 10% of a rank's share): "
+                           f"{shares}.", ""]
+            if "distributed" in rows_all:
+                report += [versus_table(rows_all["distributed"], rows, split_name), ""]
+        if byzantine:
             byz = {}
             for x in more:
                 if x["cfg"].get("byzantine"):
-                    byz.setdefault(x["cfg"]["method"], []).append(x)
+                    byz.setdefault(label(x["cfg"]), []).append(x)
             if byz:
                 fig = out / "byzantine.png"
                 P.plot(P.group_runs([x["run"] for rs in byz.values() for x in rs]), fig,
-                       title=f"{args.byzantine} of {ranks} ranks Byzantine (inverted signs)")
-                report += [table(byz, f"{args.byzantine} of {ranks} ranks Byzantine "
+                       title=f"{byzantine} of {ranks} ranks Byzantine (inverted signs)")
+                report += [table(byz, f"{byzantine} of {ranks} ranks Byzantine "
                                  "(they send inverted signs)", ranks), "",
                            f"![byzantine]({fig.name})", ""]
         report += [grid_table(grid, name.capitalize()), ""]
-    report.append(f"Total time: {time.time() - t_start:.0f} s on {os.cpu_count()} core(s).")
+        timings.append(f"{name} {time.time() - t_exp:.0f} s")
+    report.append(f"Total time: {time.time() - t_start:.0f} s on {os.cpu_count()} core(s) "
+                  f"({', '.join(timings)}).")
     (out / "results.md").write_text("\n".join(report) + "\n")
     (out / "best.json").write_text(json.dumps(best_all, indent=1))
     log("\n".join(report))
