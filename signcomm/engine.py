@@ -46,7 +46,12 @@ class Layout:
     per bucket on the parameters' device (side ``cur[b]`` holds v_{t-1}; step t writes
     v_t into the other side, which becomes ``cur`` at ``commit``)."""
 
-    def __init__(self, params, bucket_elements):
+    def __init__(self, params, bucket_elements=None, *, buckets=None):
+        """Buckets planned greedily from ``params`` (``bucket_elements`` coordinates at
+        most, positions numbered from 0 in order), or the given ``buckets`` (a face
+        whose buckets are decided elsewhere, e.g. DDP's: each ``Bucket(params, sizes,
+        offset)`` holds parameters whose coordinates are the contiguous positions
+        offset .. offset + d - 1)."""
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise BackendError(f"parameters on several devices ({', '.join(sorted(map(str, devices)))}) "
@@ -54,7 +59,7 @@ class Layout:
         self.device = devices.pop() if devices else torch.device("cpu")
         self.params = list(params)
         self.key = tuple(id(p) for p in self.params)
-        self.buckets = plan_buckets(self.params, bucket_elements)
+        self.buckets = buckets if buckets is not None else plan_buckets(self.params, bucket_elements)
         self.flat, self.views, self.cur = [], [], [0] * len(self.buckets)
         for b in self.buckets:
             pair = [torch.empty(b.d, dtype=torch.float32, device=self.device) for _ in range(2)]
