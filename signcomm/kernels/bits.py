@@ -24,7 +24,7 @@ def packed_nbytes(d: int) -> int:
 
 def check_packed(packed, d: int, name: str = "packed") -> None:
     """Raise a clear error when ``packed`` cannot hold ``d`` coordinates."""
-    if packed.dtype != np.uint8:
+    if str(packed.dtype) not in ("uint8", "torch.uint8"):  # NumPy, CuPy or torch
         raise TypeError(f"{name} must be uint8, got {packed.dtype}")
     need = packed_nbytes(d)
     if packed.shape[-1] < need:

@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import rng
+from .bits import check_packed, packed_nbytes
 
 MASK64 = (1 << 64) - 1
 
@@ -117,20 +118,8 @@ def _tie_coins_contiguous(key: int, d: int, offset: int, device) -> torch.Tensor
 # packing (bits.py)
 
 
-def _nbytes(d: int) -> int:
-    d = int(d)
-    if d < 0:
-        raise ValueError(f"d must be >= 0, got {d}")
-    return (d + 7) // 8
-
-
-def _check_packed(packed: torch.Tensor, d: int, name: str = "packed") -> None:
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"{name} must be uint8, got {packed.dtype}")
-    need = _nbytes(d)
-    if packed.shape[-1] < need:
-        raise ValueError(
-            f"{name} has {packed.shape[-1]} bytes, too short for d={d} (needs {need})")
+_nbytes = packed_nbytes
+_check_packed = check_packed  # bits.py's, which takes torch tensors too
 
 
 def pack_bits(flags: torch.Tensor) -> torch.Tensor:
