@@ -1,7 +1,7 @@
 """Transports: the collectives the vote needs, over mpi4py or Horovod, with a byte ledger."""
 from __future__ import annotations
 
-from .base import (RankMismatchError, RemoteRankError, Transport, TransportError)
+from .base import (RankMismatchError, RemoteRankError, StallError, Transport, TransportError)
 from .ledger import Ledger, Record, StepSummary, ring_allreduce_bytes
 
 
@@ -44,6 +44,6 @@ def HorovodTransport(*args, **kwargs):  # noqa: N802
     return cls(*args, **kwargs)
 
 
-__all__ = ["Transport", "TransportError", "RankMismatchError", "RemoteRankError", "Ledger",
+__all__ = ["Transport", "TransportError", "RankMismatchError", "RemoteRankError", "StallError", "Ledger",
            "Record", "StepSummary", "ring_allreduce_bytes", "get_transport",
            "horovod_initialized", "MPITransport", "HorovodTransport"]

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
+import time
 
 import numpy as np
 
@@ -20,7 +23,27 @@ class RemoteRankError(RuntimeError):
     """Another rank reported an error for this call (raised on every rank)."""
 
 
+class StallError(RuntimeError):
+    """A collective waited longer than ``SIGNCOMM_STALL_SECONDS`` (raised on the waiting
+    rank; uncaught, it ends the MPI job)."""
+
+
 OPS = ("sum", "max", "min")
+STALL_SECONDS = 300.0       # default: end the job after a collective waited this long
+STALL_WARN_SECONDS = 60.0   # default: warn once after this long
+
+
+def stall_limits():
+    """(warn, end) seconds from ``SIGNCOMM_STALL_WARN_SECONDS`` and
+    ``SIGNCOMM_STALL_SECONDS`` (0 disables either)."""
+    def read(name, default):
+        try:
+            return max(0.0, float(os.environ.get(name, default)))
+        except ValueError:
+            return default
+    end = read("SIGNCOMM_STALL_SECONDS", STALL_SECONDS)
+    warn = read("SIGNCOMM_STALL_WARN_SECONDS", min(STALL_WARN_SECONDS, end / 2 if end else STALL_WARN_SECONDS))
+    return warn, end
 
 
 class Handle:
@@ -29,8 +52,9 @@ class Handle:
     later call).  The ledger records the call when it finishes, with the time spent
     inside the transport (posting and waiting), not the time it ran in the background."""
 
-    def __init__(self, transport, op, sent, received, finish, test=None, seconds=0.0):
-        self._transport, self._op = transport, op
+    def __init__(self, transport, op, sent, received, finish, test=None, seconds=0.0,
+                 name=None):
+        self._transport, self._op, self._name = transport, op, name
         self._sent, self._received = sent, received
         self._finish, self._test = finish, test
         self._kind = transport.ledger._kind
@@ -54,12 +78,48 @@ class Handle:
     def wait(self):
         if not self._done:
             with timed() as t:
+                if self._test is not None:
+                    self._poll()
                 self._result = self._finish()
             self._done = True
             self._transport.ledger.record(self._op, self._sent, self._received,
                                           self._seconds + t.seconds, kind=self._kind)
             self._finish = self._test = None
         return self._result
+
+
+    def _poll(self):
+        """The stall detector: test until done (a blocking wait spins the same way), and
+        if the other ranks never come (a rank left the training loop, crashed, stepped
+        fewer times, or built other buckets), warn once, then raise ``StallError``."""
+        warn, end = stall_limits()
+        t0, k, warned = time.perf_counter(), 0, False
+        while not self._test():
+            k += 1
+            if k < 64:
+                continue
+            waited = time.perf_counter() - t0
+            if waited > 1.0:
+                time.sleep(1e-3)  # a wait this long is rarely a transfer: leave the core
+            if warn and not warned and waited > warn:
+                warned = True
+                sys.stderr.write(f"signcomm: rank {self._transport.rank} has waited {waited:.0f} s "
+                                 f"in {self._describe()}; {_STALL_HINT}\n")
+                sys.stderr.flush()
+            if end and waited > end:
+                raise StallError(f"signcomm: rank {self._transport.rank} waited {waited:.0f} s in "
+                                 f"{self._describe()} and gives up (SIGNCOMM_STALL_SECONDS="
+                                 f"{end:g}): {_STALL_HINT}")
+
+    def _describe(self):
+        step = self._transport.ledger.step
+        name = f" ({self._name})" if self._name else ""
+        return f"{self._op}{name} of step {step}" if step is not None else f"{self._op}{name}"
+
+
+_STALL_HINT = ("usually another rank stopped stepping (it left the training loop, exited or "
+               "crashed, or called step() fewer times) or the ranks' models or bucket "
+               "layouts differ")
 
 
 class Transport:
@@ -97,7 +157,7 @@ class Transport:
             raise TypeError(f"allgather takes a 1-D uint8 buffer, got {buf.dtype} {tuple(buf.shape)}")
         n, m = self.size, buf.shape[0]
         return self._handle("allgather", (n - 1) * m, (n - 1) * m,
-                            lambda: self._start_allgather(buf, channel, name))
+                            lambda: self._start_allgather(buf, channel, name), name)
 
     def start_alltoall(self, buf, *, channel: int = 0, name: str | None = None) -> Handle:
         """(n, m) uint8: row j goes to rank j -> (n, m): row j came from rank j."""
@@ -106,7 +166,7 @@ class Transport:
             raise TypeError(f"alltoall takes an (n={n}, m) uint8 buffer, got {buf.dtype} {tuple(buf.shape)}")
         m = buf.shape[1]
         return self._handle("alltoall", (n - 1) * m, (n - 1) * m,
-                            lambda: self._start_alltoall(buf, channel, name))
+                            lambda: self._start_alltoall(buf, channel, name), name)
 
     def start_allreduce(self, buf, op: str = "sum", *, channel: int = 0,
                         name: str | None = None) -> Handle:
@@ -117,12 +177,12 @@ class Transport:
             raise TypeError(f"allreduce takes a 1-D buffer, got shape {tuple(buf.shape)}")
         b = ring_allreduce_bytes(_nbytes(buf), self.size)
         return self._handle(f"allreduce_{op}", b, b,
-                            lambda: self._start_allreduce(buf, op, channel, name))
+                            lambda: self._start_allreduce(buf, op, channel, name), name)
 
-    def _handle(self, op, sent, received, post):
+    def _handle(self, op, sent, received, post, name=None):
         with timed() as t:
             finish, test = post()
-        return Handle(self, op, sent, received, finish, test, t.seconds)
+        return Handle(self, op, sent, received, finish, test, t.seconds, name)
 
     # -- blocking collectives -------------------------------------------------------
     def allgather(self, buf):
