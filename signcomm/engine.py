@@ -139,10 +139,11 @@ class VoteEngine:
             backend = self.backend(layout.device).name
         except BackendError:  # prepare() reports it; the signature still has to be sent
             backend = str(self.backend_spec)
-        return (layout.device.type, backend,
-                self.schedule.name, self.rule.variant, self.rule.tie, self.contribution.kind,
-                str(self.policy.R), self.contribution.seed, self.momentum_init,
-                self.bucket_elements)
+        return {"device": layout.device.type, "backend": backend,
+                "schedule": self.schedule.name, "variant": self.rule.variant,
+                "tie": self.rule.tie, "contribution": self.contribution.kind,
+                "R": str(self.policy.R), "seed": self.contribution.seed,
+                "momentum_init": self.momentum_init, "bucket_elements": self.bucket_elements}
 
     # -- 1. local work -------------------------------------------------------------------
     def prepare(self, layout: Layout, bi: int, grads, betas, prev, names) -> Prepared:
@@ -180,6 +181,8 @@ class VoteEngine:
                                           out.reshape(-1), betas[j], mode)
                 if gm >= NONFINITE_BITS:
                     bad.append(names[j])
+                elif vm >= NONFINITE_BITS:  # finite g, but v_t overflowed fp32
+                    bad.append(f"{names[j]} (its momentum overflowed fp32: |g| near 3.4e38)")
                 vmax[j] = bits_to_float(vm) if vm < NONFINITE_BITS else 0.0
             flat = backend.from_torch(layout.flat[bi][1 - layout.cur[bi]])
         except (BackendError, TypeError, ValueError) as exc:
@@ -197,7 +200,7 @@ class VoteEngine:
             error = (f"non-finite gradient (NaN/Inf) in {', '.join(bad[:5])}"
                      f"{' and more' if len(bad) > 5 else ''} at step {self.step}; nothing was updated")
         values = np.concatenate([p.vmax for p in prepared]) if self.policy.shared else None
-        sig = tuple(signature) + self.signature(layout)
+        sig = dict(signature, **self.signature(layout))
         return self.transport.start_agree(sig, error=error, what=what, values=values,
                                           channel=0, name=name)
 

@@ -276,6 +276,15 @@ class Agreement:
                 raise RemoteRankError(f"rank {bad_rank} failed in {self.what} (its own error "
                                       f"says why); stopping rank {self.transport.rank} too")
             if not np.array_equal(top[:k], -top[k:2 * k]):
+                differ = top[:k] != -top[k:2 * k]
+                if isinstance(self.signature, dict):
+                    names = [key for key in self.signature if differ[SIG_HEAD + _slot(key)]]
+                    mine = ", ".join(f"{key}={_short(self.signature[key])}" for key in names) \
+                        or repr(self.signature)
+                    raise RankMismatchError(
+                        f"ranks disagree on {self.what}: {', '.join(names) or 'the settings'} "
+                        f"differ{'s' if len(names) == 1 else ''} across ranks (rank "
+                        f"{self.transport.rank} has {mine})")
                 raise RankMismatchError(
                     f"ranks disagree on {self.what}: rank {self.transport.rank} has "
                     f"{self.signature!r}; another rank passed a different size, dtype, "
@@ -294,16 +303,39 @@ def _nbytes(buf) -> int:
     return int(buf.numel() * buf.element_size())  # torch
 
 
-def _signature_words(signature) -> np.ndarray:
-    """A signature as a fixed number of int64 words: its length and a 128-bit BLAKE2b
-    digest of its items in four 32-bit words.  Fixed length, so ranks whose signatures
-    differ in length still make the same allreduce (and get RankMismatchError)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for item in signature:
+SIG_HEAD = 5    # words: the length and a 128-bit digest of the whole signature
+SIG_SLOTS = 16  # words: per-field digests (a dict signature), to name what differs
+
+
+def _digest(items, size):
+    digest = hashlib.blake2b(digest_size=size)
+    for item in items:
         if isinstance(item, np.ndarray):
             data = repr((item.dtype.str, item.shape)).encode() + np.ascontiguousarray(item).tobytes()
         else:
             data = repr(item).encode()
         digest.update(len(data).to_bytes(8, "little") + data)
-    words = np.frombuffer(digest.digest(), dtype=np.uint32).astype(np.int64)
-    return np.concatenate([np.array([len(signature)], np.int64), words])
+    return np.frombuffer(digest.digest(), dtype=np.uint32).astype(np.int64)
+
+
+def _slot(key) -> int:
+    return int(_digest([key], 4)[0]) % SIG_SLOTS
+
+
+def _short(value, limit=80):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _signature_words(signature) -> np.ndarray:
+    """A signature as a fixed number of int64 words: its length, a 128-bit BLAKE2b
+    digest of its items in four 32-bit words, and (for a dict: field name -> value)
+    16 slots each holding the XOR of the 32-bit digests of the fields hashed to it, so a
+    mismatch can name the fields that differ.  Fixed length, so ranks whose signatures
+    differ in length still make the same allreduce (and get RankMismatchError)."""
+    items = list(signature.items()) if isinstance(signature, dict) else list(signature)
+    slots = np.zeros(SIG_SLOTS, np.int64)
+    if isinstance(signature, dict):
+        for key, value in signature.items():
+            slots[_slot(key)] ^= _digest([key, value], 4)[0]
+    return np.concatenate([np.array([len(items)], np.int64), _digest(items, 16), slots])

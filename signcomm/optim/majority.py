@@ -21,7 +21,7 @@ from ..engine import MOMENTUM_INITS, VoteEngine
 from ..kernels.rules import VoteRule
 from ..vote import SCHEDULES
 from .buckets import DEFAULT_BUCKET_ELEMENTS
-from .common import check_beta, check_group, check_lr
+from .common import check_beta, check_group, check_lr, check_weight_decay
 from .lockstep import check_lockstep
 
 
@@ -84,8 +84,7 @@ class MVSM(torch.optim.Optimizer):
         if momentum_init not in MOMENTUM_INITS:
             raise ValueError(f"momentum_init must be one of {MOMENTUM_INITS}, got {momentum_init!r}")
         RPolicy(R)  # validates
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        check_weight_decay(weight_decay)
         if not (isinstance(transport, (str, Transport)) or transport is None):
             raise ValueError(f"transport must be 'mpi', 'horovod', a Transport or None, got {transport!r}")
         if isinstance(bucket_elements, bool) or not (isinstance(bucket_elements, int) and bucket_elements >= 1):
@@ -148,10 +147,13 @@ class MVSM(torch.optim.Optimizer):
             [name for _, _, name in entries])
 
     def signature(self, entries):
-        """The per-step settings every rank must share, beyond the engine's own."""
-        return (self.engine.step, tuple((tuple(p.shape), str(p.dtype)) for _, p, _ in entries),
-                tuple((float(g["lr"]), float(g["beta"]), float(g["weight_decay"]))
-                      for g, _, _ in entries))
+        """The per-step settings every rank must share, beyond the engine's own (a dict:
+        a mismatch names the fields that differ)."""
+        return {"step": self.engine.step,
+                "parameter shapes and dtypes": tuple((tuple(p.shape), str(p.dtype)) for _, p, _ in entries),
+                "lr": tuple(float(g["lr"]) for g, _, _ in entries),
+                "beta": tuple(float(g["beta"]) for g, _, _ in entries),
+                "weight_decay": tuple(float(g["weight_decay"]) for g, _, _ in entries)}
 
     def commit_bucket(self, layout, bi, entries):
         """v_t of bucket ``bi`` becomes the momentum and the parameters' state."""
