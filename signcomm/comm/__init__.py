@@ -1,4 +1,5 @@
-"""Transports: the collectives the vote needs, over mpi4py or Horovod, with a byte ledger."""
+"""Transports: the collectives the vote needs, over mpi4py, Horovod or torch.distributed,
+with a byte ledger."""
 from __future__ import annotations
 
 from .base import (RankMismatchError, RemoteRankError, StallError, Transport, TransportError)
@@ -19,19 +20,25 @@ def horovod_initialized() -> bool:
 
 
 def get_transport(spec=None, **kwargs) -> Transport:
-    """A transport from ``"mpi"``, ``"horovod"``, an existing ``Transport`` (returned
-    as is) or ``None`` (Horovod when it is initialised in this process, else MPI)."""
+    """A transport from ``"mpi"``, ``"horovod"``, ``"torch"`` (torch.distributed), an
+    existing ``Transport`` (returned as is) or ``None`` (Horovod when it is initialised in
+    this process, else torch.distributed when it is initialised, else MPI)."""
     if isinstance(spec, Transport):
         return spec
     if spec is None:
-        spec = "horovod" if horovod_initialized() else "mpi"
+        from .torchdist import dist_initialized
+        spec = "horovod" if horovod_initialized() else "torch" if dist_initialized() else "mpi"
+    if spec == "torch":
+        from .torchdist import TorchDistTransport
+        return TorchDistTransport(**kwargs)
     if spec == "mpi":
         from .mpi import MPITransport
         return MPITransport(**kwargs)
     if spec == "horovod":
         from .horovod import HorovodTransport
         return HorovodTransport(**kwargs)
-    raise ValueError(f"transport must be 'mpi', 'horovod', a Transport or None, got {spec!r}")
+    raise ValueError(f"transport must be 'mpi', 'horovod', 'torch', a Transport or None, "
+                     f"got {spec!r}")
 
 
 def MPITransport(*args, **kwargs):  # noqa: N802  (a lazy class alias)
@@ -44,6 +51,11 @@ def HorovodTransport(*args, **kwargs):  # noqa: N802
     return cls(*args, **kwargs)
 
 
+def TorchDistTransport(*args, **kwargs):  # noqa: N802
+    from .torchdist import TorchDistTransport as cls
+    return cls(*args, **kwargs)
+
+
 __all__ = ["Transport", "TransportError", "RankMismatchError", "RemoteRankError", "StallError", "Ledger",
            "Record", "StepSummary", "ring_allreduce_bytes", "get_transport",
-           "horovod_initialized", "MPITransport", "HorovodTransport"]
+           "horovod_initialized", "MPITransport", "HorovodTransport", "TorchDistTransport"]
