@@ -5,7 +5,7 @@ The torch-facing names are imported lazily, so the kernel and vote layers (and
 __version__ = "0.1.0"
 
 _OPTIM = {"MVSM", "Signum", "SignSGD", "create_optimizer", "broadcast_state",
-          "check_lockstep", "LockstepError", "NAMES"}
+          "check_lockstep", "LockstepError", "NAMES", "load_checkpoint", "CheckpointError"}
 
 
 def __getattr__(name):

@@ -1,5 +1,6 @@
 """Torch optimizers: MVSM and the majority-vote family, single-node Signum/signSGD."""
 from .buckets import DEFAULT_BUCKET_ELEMENTS, plan_buckets
+from .checkpoint import CheckpointError, load_checkpoint
 from .lockstep import LockstepError, broadcast_state, check_lockstep, parameter_checksum
 from .majority import MVSM
 from .presets import NAMES, PRESETS, create_optimizer
@@ -7,4 +8,4 @@ from .single import Signum, SignSGD
 
 __all__ = ["MVSM", "Signum", "SignSGD", "create_optimizer", "NAMES", "PRESETS",
            "broadcast_state", "check_lockstep", "parameter_checksum", "LockstepError",
-           "plan_buckets", "DEFAULT_BUCKET_ELEMENTS"]
+           "plan_buckets", "DEFAULT_BUCKET_ELEMENTS", "CheckpointError", "load_checkpoint"]

@@ -21,6 +21,7 @@ from ..engine import MOMENTUM_INITS, VoteEngine
 from ..kernels.rules import VoteRule
 from ..vote import SCHEDULES
 from .buckets import DEFAULT_BUCKET_ELEMENTS
+from .checkpoint import validate_state
 from .common import check_beta, check_group, check_lr, check_weight_decay
 from .lockstep import check_lockstep
 
@@ -240,6 +241,9 @@ class MVSM(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
+        """Torch's, after ``checkpoint.validate_state`` (shapes, finite momentum, step in
+        range: a ``CheckpointError`` naming the field, nothing changed)."""
+        validate_state([p for g in self.param_groups for p in g["params"]], state_dict)
         state_dict = dict(state_dict)
         meta = state_dict.pop("signcomm", None)
         # torch casts floating state to each parameter's dtype on load, which would round
