@@ -136,7 +136,8 @@ class CifarUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
+            found = super().find_class(module, name)
+            return _empty_only(found) if name == "_reconstruct" else found
         raise UnsafePickleError(
             f"refusing to load {module}.{name}: a CIFAR archive contains only dicts, lists, "
             "bytes, numbers and uint8 NumPy arrays (is the file tampered with?)")
@@ -145,10 +146,26 @@ class CifarUnpickler(pickle.Unpickler):
         raise UnsafePickleError("refusing a persistent id: not part of a CIFAR archive")
 
 
+def _empty_only(reconstruct):
+    """numpy's ``_reconstruct`` as pickles use it: it makes an EMPTY array whose bytes the
+    pickle then supplies (and numpy checks their size).  Called with any other shape it
+    would allocate memory that no byte of the file backs (a 281-byte file could ask for
+    gigabytes): refused."""
+    def rebuild(subtype, shape, dtype):
+        if int(np.prod(np.asarray(shape, dtype=np.int64))) != 0:
+            raise UnsafePickleError(f"refusing an array of shape {tuple(shape)} with no data "
+                                    "behind it (numpy pickles rebuild arrays from empty ones)")
+        return reconstruct(subtype, shape, dtype)
+    return rebuild
+
+
 def safe_load_pickle(path) -> object:
     """Unpickle ``path`` with ``CifarUnpickler`` (Python-2 archives: bytes keys)."""
     data = Path(path).read_bytes()
     return CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+
+
+MAX_IMAGES_PER_FILE = 60000   # CIFAR's python batches hold 10000 (train) or 50000 (CIFAR-100)
 
 
 def _key(d, name):
@@ -173,6 +190,9 @@ def load_cifar_batch(path, label_key: str):
         data, labels = _key(d, "data"), _key(d, label_key)
     except DataError as exc:
         raise DataError(f"{path}: {exc}") from None
+    if isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[0] > MAX_IMAGES_PER_FILE:
+        raise DataError(f"{path}: {data.shape[0]} images in one batch file (CIFAR's hold "
+                        f"10000; at most {MAX_IMAGES_PER_FILE} accepted)")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != 3072:
         raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), found "
