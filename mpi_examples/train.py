@@ -75,6 +75,38 @@ def nonneg_int(text):
     return v
 
 
+def seed_int(text):
+    v = nonneg_int(text)
+    if v >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32, got {text}")
+    return v
+
+
+def check_output_paths(out_dir, metrics):
+    """--out-dir and --metrics must be writable; checked on every rank alike before any
+    collective (a failure on rank 0 alone would leave the others waiting)."""
+    for flag, folder in (("--out-dir", out_dir), ("--metrics", Path(metrics).parent if metrics else None)):
+        if folder is None:
+            continue
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{flag}: {folder} exists and is not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{flag}: cannot create {folder} ({exc.strerror or exc})") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag}: {folder} is not writable")
+    if metrics:
+        if Path(metrics).is_dir():
+            raise UsageError(f"--metrics: {metrics} is a folder; give a file path")
+        try:
+            with open(metrics, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"--metrics: cannot write {metrics} ({exc.strerror or exc})") from None
+
+
 def positive_float(text):
     v = float(text)
     if not v > 0 or not math.isfinite(v):
@@ -164,7 +196,7 @@ def build_parser():
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--batch-size", type=positive_int, default=16, help="per rank")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--train-samples", type=positive_int, default=None, metavar="N",
                    help="use only the first N training samples (quick trials)")
     p.add_argument("--split", type=split_name, default=None,
@@ -564,6 +596,7 @@ def main(argv=None) -> list[RunResult]:
     if args.data == "digits" and args.data_dir is not None:
         raise UsageError("--data-dir applies to --data cifar10/cifar100 (digits ship with "
                          "scikit-learn)")
+    check_output_paths(args.out_dir, args.metrics)
     try:
         dataset = D.load(args.data, args.data_dir)  # every rank alike, before any collective
     except D.DataError as exc:
