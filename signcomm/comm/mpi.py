@@ -66,9 +66,7 @@ class MPITransport(Transport):
         if not MPI.Is_initialized():
             MPI.Init()  # normally done by importing mpi4py.MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
-        # one communicator per channel, so independent streams of non-blocking
-        # collectives never have to be started in one global order (Dup is collective)
-        self.comms = [self.comm] + [self.comm.Dup() for _ in range(self.CHANNELS - 1)]
+        self.comms = _channel_comms(self.comm, self.CHANNELS)
         self.max_message_bytes = int(max_message_bytes)
         self.cuda_aware = _mpi_cuda_aware(MPI)
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -174,6 +172,23 @@ class MPITransport(Transport):
         for lo in range(0, max(flat.shape[0], 1), step):
             self.comm.Bcast(flat[lo:lo + step], root=root)
         return back(out)
+
+
+_CHANNELS = {}
+
+
+def _channel_comms(comm, channels):
+    """``comm`` and ``channels - 1`` duplicates of it, one per channel, so independent
+    streams of non-blocking collectives never have to be started in one global order.
+    For ``COMM_WORLD`` (the default) they are made once and shared by every transport
+    (``Dup`` is collective, and MPI has a few thousand communicator ids: a job that builds
+    many optimizers must not use them up); other communicators get their own."""
+    from mpi4py import MPI
+    if MPI.Comm.Compare(comm, MPI.COMM_WORLD) != MPI.IDENT:
+        return [comm] + [comm.Dup() for _ in range(channels - 1)]
+    if "world" not in _CHANNELS:
+        _CHANNELS["world"] = [comm] + [comm.Dup() for _ in range(channels - 1)]
+    return _CHANNELS["world"]
 
 
 def _np_empty(shape, like):
