@@ -125,7 +125,8 @@ class MVSMHookState:
 
     After each synchronising backward, ``stats`` holds this rank's figures for the
     step: ``compress_s``, ``comm_s``, ``vote_s``, ``hook_s``, ``bytes_sent``,
-    ``bytes_received`` (the transport's ledger, control traffic included)."""
+    ``bytes_received`` (the transport's ledger, control traffic included); ``buckets``
+    the parameter indices of each DDP bucket of that step, in DDP's order."""
 
     def __init__(self, process_group=None, method: str = "mvsm-v1", **options):
         self.method, self.options = resolve_options(method, options)
@@ -133,6 +134,7 @@ class MVSMHookState:
         self._step = 0
         self.momentum = {}      # parameter index -> v_{t-1} (fp32, on the parameters' device)
         self.stats = {}
+        self.buckets = ()       # DDP's buckets at the last step (parameter indices, in order)
         self._rt = None
 
     # -- the step counter (the position of every random stream) ------------------------
@@ -316,7 +318,7 @@ class _Runtime:
         self.layouts = {}
         self.iteration = None
         signature = {"method": state.method,
-                     "options": repr(sorted((k, v) for k, v in o.items() if k != "byzantine")),
+                     **{k: repr(v) for k, v in sorted(o.items()) if k != "byzantine"},
                      "parameter shapes and dtypes": tuple((tuple(p.shape), str(p.dtype))
                                                           for p in self.params),
                      "parameters DDP reduces": tuple(self.ddp),
@@ -509,6 +511,7 @@ class _Runtime:
         state.step = step + 1
         self.layouts = {k: v for k, v in self.layouts.items() if id(v) in keep}
         entries = it["entries"]
+        state.buckets = tuple(tuple(e.idx) for e in entries)
         self.iteration = None
         self.used[:] = False
         for e in entries:

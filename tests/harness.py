@@ -1,7 +1,10 @@
 """Multi-rank test harness.
 
-Pytest side: ``launch(script, n, launcher="mpirun" | "horovodrun", args=..., timeout=...)``
-runs ``mpirun -np n python script ...`` (or ``horovodrun -np n ...``) as a subprocess in
+Pytest side: ``launch(script, n, launcher="mpirun" | "horovodrun" | "torchrun" | "torch",
+args=..., timeout=...)`` runs ``mpirun -np n python script ...`` (or ``horovodrun -np n
+...``, ``torchrun --nproc-per-node n ...``; "torch" starts the n processes directly with
+torchrun's environment, RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, which skips
+the agent's own start-up) as a subprocess in
 its own process group, kills the whole group when the timeout passes, and returns one
 ``dict`` of results per rank.  A job that fails, hangs or leaves a rank without a result
 fails the test with every rank's output.
@@ -42,7 +45,7 @@ def _bin(name):
 
 
 def _rank():
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMIX_RANK"):
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMIX_RANK", "RANK"):
         if var in os.environ:
             return int(os.environ[var])
     try:
@@ -107,11 +110,19 @@ def launch(script, n, *, launcher="mpirun", args=(), timeout=120, env=None,
             if n != 1:
                 raise ValueError("launcher='python' runs one process (an MPI singleton)")
             cmd = []
+        elif launcher == "torchrun":
+            cmd = [_bin("torchrun"), "--nproc-per-node", str(n), "--rdzv-backend", "c10d",
+                   "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"]
+        elif launcher == "torch":
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--spawn", str(n)]
         else:
             raise ValueError(f"unknown launcher {launcher!r}")
-        # `python -m mpi4py` turns an uncaught exception on one rank into MPI_Abort, so
-        # the job ends at once instead of the other ranks waiting forever.
-        cmd += [sys.executable, "-m", "mpi4py", str(script), *map(str, args)]
+        if launcher in ("torchrun", "torch"):
+            cmd += [str(script), *map(str, args)]
+        else:
+            # `python -m mpi4py` turns an uncaught exception on one rank into MPI_Abort, so
+            # the job ends at once instead of the other ranks waiting forever.
+            cmd += [sys.executable, "-m", "mpi4py", str(script), *map(str, args)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=job_env, cwd=str(ROOT), start_new_session=True, text=True)
         try:
@@ -142,3 +153,42 @@ def launch(script, n, *, launcher="mpirun", args=(), timeout=120, env=None,
                 with np.load(path, allow_pickle=False) as z:
                     results.append({k: z[k] for k in z.files})
         return Job(results, output, proc.returncode)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(n, script, args):
+    """launcher="torch": n ranks with torchrun's environment; the first rank to fail
+    ends the others (as torchrun's agent does), so nothing waits forever."""
+    import time
+    port = str(_free_port())
+    procs = []
+    for r in range(n):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n),
+                   LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, script, *args], env=env))
+    rc = 0
+    while any(p.poll() is None for p in procs):
+        bad = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        if bad:
+            time.sleep(5)  # let the other ranks print their own error first
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            rc = bad[0]
+            break
+        time.sleep(0.05)
+    for p in procs:
+        p.wait()
+        rc = rc or p.returncode
+    return rc
+
+
+if __name__ == "__main__" and len(sys.argv) > 3 and sys.argv[1] == "--spawn":
+    sys.exit(_spawn(int(sys.argv[2]), sys.argv[3], sys.argv[4:]))

@@ -30,10 +30,12 @@ fails at once on every rank, saying which backend to use.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..kernels.xp import is_cupy
-from .base import Transport, TransportError
+from .base import Handle, Transport, TransportError
 
 LAUNCH_HINT = ("launch with `torchrun --nproc-per-node N your_script.py` and call "
                "torch.distributed.init_process_group('gloo') (CPU) or ('nccl') (CUDA) first")
@@ -186,6 +188,11 @@ class TorchDistTransport(Transport):
         a = np.ascontiguousarray(buf)
         return torch.from_numpy(a), self.cpu_groups[channel], (lambda out: out.numpy())
 
+    def _handle(self, *args, **kwargs):
+        handle = super()._handle(*args, **kwargs)
+        handle.__class__ = _PatientHandle
+        return handle
+
     @staticmethod
     def _post(work, result):
         def finish():
@@ -219,3 +226,24 @@ class TorchDistTransport(Transport):
         out = t.clone()
         self.dist.broadcast(out, group=g, group_src=root)
         return back(out)
+
+
+class _PatientHandle(Handle):
+    """A blocking wait tests with a pause between tries: gloo and NCCL move the data in
+    their own threads, which a waiter spinning on ``is_completed`` would rob of a core
+    when ranks share them (the stall detector of ``Handle`` runs as usual)."""
+
+    def _poll(self):
+        test = self._test
+
+        def patient():
+            if test():
+                return True
+            time.sleep(2e-5)
+            return False
+
+        self._test = patient
+        try:
+            super()._poll()
+        finally:
+            self._test = test
