@@ -20,8 +20,8 @@ start: v_0 = 0 (so v_1 = beta g_1) against MVSM's v_1 = g_1; the tables list bot
 Each experiment is a small grid over beta and lr (seed 0), then the best setting of each
 method (highest final test accuracy, ties by lower training loss) again with more seeds;
 the figures show mean and +-1 std over those seeds.  Many runs share one launch
-(train.py --plan), so the 7-s start of an 8-rank torch job is paid six times, not once
-per run.
+(train.py --plan; the i.i.d. and heterogeneous arms share theirs), so the 7-s start of an
+8-rank torch job is paid twice, not once per run.
 
     python scripts/compare.py                 # `make compare`: results/compare/
     python scripts/compare.py --quick         # a smaller grid, for a smoke test
@@ -162,6 +162,10 @@ def setting(cfg):
         d["schedule"] = cfg["schedule"]
     if cfg.get("R") is not None:
         d["R"] = cfg["R"]
+    if cfg.get("split") not in (None, "iid"):
+        d["split"] = cfg["split"]
+        if cfg.get("alpha") is not None:
+            d["alpha"] = cfg["alpha"]
     return d
 
 
@@ -312,59 +316,82 @@ def main(argv=None):
               "both are listed, and any gap between them comes from that first step and "
               "from the grid picking other settings.", ""]
     best_all, rows_all, timings = {}, {}, []
-    experiments = [] if args.skip_centralized else [("centralized", 1, [])]
+    # arms with the same number of ranks share their launches (one for the grids, one for
+    # the seeds), so the start of an 8-rank torch job is paid twice, not four times
+    het_keys = {"split": args.split, **({"alpha": args.alpha} if args.split == "dirichlet" else {})}
+    arms = [] if args.skip_centralized else [("centralized", 1, {})]
     if not args.skip_iid:
-        experiments.append(("distributed", args.ranks, []))
+        arms.append(("distributed", args.ranks, {}))
     if not args.skip_heterogeneous:
-        experiments.append(("heterogeneous", args.ranks, split_args))
-    for name, ranks, extra in experiments:
-        t_exp = time.time()
-        log(f"== {name} ({ranks} rank(s)): grid")
+        arms.append(("heterogeneous", args.ranks, het_keys))
+    # one compute thread per process (the tiny CNN gains nothing from more); waiting ranks
+    # sleep now and then instead of spinning (8 ranks share the cores; results unchanged)
+    env = {"OMP_NUM_THREADS": "1", "MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1"}
+
+    def arm_of(cfg, ranks):
+        if ranks == 1:
+            return "centralized"
+        return "distributed" if cfg.get("split") in (None, "iid") else "heterogeneous"
+
+    for ranks in sorted({r for _, r, _ in arms}):
+        group = [(name, extra) for name, r, extra in arms if r == ranks]
+        kind = "centralized" if ranks == 1 else f"{ranks}-rank"
+        t_grid = time.time()
         bs = args.batch_size if ranks > 1 else central_bs
-        common = ["--epochs", str(args.epochs), "--batch-size", str(bs), *extra]
-        # one compute thread per process: the tiny CNN gains nothing from more
-        env = {"OMP_NUM_THREADS": "1"}
-        grid_dir = runs_dir / name / "grid"
-        launch(ranks, expand(grids[name], 0, args.schedule if ranks > 1 else None), grid_dir,
-               common, log, env)
-        grid = summaries(grid_dir)
-        best = pick_best(grid)
-        missing = set(grids[name]) - set(best)
-        if missing:
-            log(f"  no usable run for {sorted(missing)} (all diverged?)")
-        best_all[name] = {m: setting(r["cfg"]) for m, r in best.items()}
-        plan = [dict(setting(r["cfg"]), seed=s) for r in best.values() for s in range(1, seeds)]
-        byzantine = args.byzantine if name == "distributed" else 0
-        if byzantine:
-            plan += [dict(setting(best[m]["cfg"]), seed=s, byzantine=byzantine)
-                     for m in VOTE_METHODS if m in best for s in range(seeds)]
-        seeds_dir = runs_dir / name / "seeds"
+        common = ["--epochs", str(args.epochs), "--batch-size", str(bs)]
+        log(f"== {', '.join(n for n, _ in group)} ({ranks} rank(s)): grid")
+        plan = [dict(run, **extra) for name, extra in group
+                for run in expand(grids[name], 0, args.schedule if ranks > 1 else None)]
+        grid_dir = runs_dir / kind / "grid"
+        launch(ranks, plan, grid_dir, common, log, env)
+        grid_all = summaries(grid_dir)
+        timings.append(f"{kind} grid {time.time() - t_grid:.0f} s")
+        grids_of, best_of, plan = {}, {}, []
+        for name, _ in group:
+            grid = [r for r in grid_all if arm_of(r["cfg"], ranks) == name]
+            best = pick_best(grid)
+            missing = set(grids[name]) - set(best)
+            if missing:
+                log(f"  {name}: no usable run for {sorted(missing)} (all diverged?)")
+            grids_of[name], best_of[name] = grid, best
+            best_all[name] = {m: setting(r["cfg"]) for m, r in best.items()}
+            plan += [dict(setting(r["cfg"]), seed=s) for r in best.values()
+                     for s in range(1, seeds)]
+            if name == "distributed" and args.byzantine:
+                plan += [dict(setting(best[m]["cfg"]), seed=s, byzantine=args.byzantine)
+                         for m in VOTE_METHODS if m in best for s in range(seeds)]
+        t_seeds = time.time()
+        seeds_dir = runs_dir / kind / "seeds"
         if plan:
-            log(f"== {name}: best settings with more seeds"
-                + (f", and {byzantine} Byzantine ranks" if byzantine else ""))
+            log(f"== {', '.join(n for n, _ in group)}: best settings with more seeds"
+                + (f", and {args.byzantine} Byzantine ranks" if ranks > 1 and args.byzantine
+                   and not args.skip_iid else ""))
             launch(ranks, plan, seeds_dir, common, log, env)
-        more = summaries(seeds_dir) if plan else []
-        rows = {}
-        for m, r in best.items():
-            rows[m] = [r] + [x for x in more if setting(x["cfg"]) == setting(r["cfg"])
-                             and not x["cfg"].get("byzantine")]
-        rows_all[name] = rows
-        fig_runs = [x["run"] for rs in rows.values() for x in rs]
-        fig = out / f"{name}.png"
-        where = f", {split_name} shares" if name == "heterogeneous" else ""
-        P.plot(P.group_runs(fig_runs, ("method", "R")), fig,
-               title=f"{name}: digits, {ranks} rank(s){where}, best grid setting per "
-                     f"method, {seeds} seed(s)")
-        title = f"{name.capitalize()} ({ranks} rank(s){where})"
-        report += [table(rows, title, ranks), "", f"![{name}]({fig.name})", ""]
-        if name == "heterogeneous":
-            shares = split_summary(grid)
-            if shares:
-                report += [f"Shares of seed 0 (classes with at least 10% of a rank's share): "
-                           f"{shares}.", ""]
-            if "distributed" in rows_all:
-                report += [versus_table(rows_all["distributed"], rows, split_name), ""]
-        if byzantine:
+            timings.append(f"{kind} seeds {time.time() - t_seeds:.0f} s")
+        more_all = summaries(seeds_dir) if plan else []
+        for name, _ in group:
+            grid, best = grids_of[name], best_of[name]
+            more = [x for x in more_all if arm_of(x["cfg"], ranks) == name]
+            rows = {}
+            for m, r in best.items():
+                rows[m] = [r] + [x for x in more if setting(x["cfg"]) == setting(r["cfg"])
+                                 and not x["cfg"].get("byzantine")]
+            rows_all[name] = rows
+            fig_runs = [x["run"] for rs in rows.values() for x in rs]
+            fig = out / f"{name}.png"
+            where = f", {split_name} shares" if name == "heterogeneous" else ""
+            P.plot(P.group_runs(fig_runs, ("method", "R")), fig,
+                   title=f"{name}: digits, {ranks} rank(s){where}, best grid setting per "
+                         f"method, {seeds} seed(s)")
+            title = f"{name.capitalize()} ({ranks} rank(s){where})"
+            report += [table(rows, title, ranks), "", f"![{name}]({fig.name})", ""]
+            if name == "heterogeneous":
+                shares = split_summary(grid)
+                if shares:
+                    report += [f"Shares of seed 0 (classes with at least 10% of a rank's "
+                               f"share): {shares}.", ""]
+                if "distributed" in rows_all:
+                    report += [versus_table(rows_all["distributed"], rows, split_name), ""]
             byz = {}
             for x in more:
                 if x["cfg"].get("byzantine"):
@@ -372,12 +399,11 @@ def main(argv=None):
             if byz:
                 fig = out / "byzantine.png"
                 P.plot(P.group_runs([x["run"] for rs in byz.values() for x in rs]), fig,
-                       title=f"{byzantine} of {ranks} ranks Byzantine (inverted signs)")
-                report += [table(byz, f"{byzantine} of {ranks} ranks Byzantine "
+                       title=f"{args.byzantine} of {ranks} ranks Byzantine (inverted signs)")
+                report += [table(byz, f"{args.byzantine} of {ranks} ranks Byzantine "
                                  "(they send inverted signs)", ranks), "",
                            f"![byzantine]({fig.name})", ""]
-        report += [grid_table(grid, name.capitalize()), ""]
-        timings.append(f"{name} {time.time() - t_exp:.0f} s")
+            report += [grid_table(grid, name.capitalize()), ""]
     report.append(f"Total time: {time.time() - t_start:.0f} s on {os.cpu_count()} core(s) "
                   f"({', '.join(timings)}).")
     (out / "results.md").write_text("\n".join(report) + "\n")
