@@ -5,11 +5,13 @@
     mpirun -np 8 python mpi_examples/train.py --method signsgd-mv --split skew2
     mpirun -np 8 python mpi_examples/train.py --method mvsm-v1 --split dirichlet --alpha 0.1
     python mpi_examples/train.py --method signum            # one process
+    torchrun --nproc-per-node 4 mpi_examples/train.py --method mvsm-v1   # DDP + signcomm hook
     mpirun -np 8 python mpi_examples/train.py --grid method=mvsm-v1,signsgd-mv \\
         --grid lr=0.001,0.005 --grid seed=0,1 --out-dir runs/grid   # many runs, one launch
 
 Launched by horovodrun the ranks talk through Horovod; launched by mpirun (or as one
-process) through mpi4py, and Horovod is never imported (``--transport`` overrides).
+process) through mpi4py, and Horovod is never imported (``--transport`` overrides); launched
+by torchrun through torch.distributed, training through DDP (mpi_examples/ddp_run.py).
 See docs/training.md for the flags, the methods and the metrics file.
 """
 from __future__ import annotations
@@ -29,13 +31,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mpi_examples.cluster import default_thread_env  # noqa: E402
+from mpi_examples import ddp_run as DDP  # noqa: E402  (torchrun, DDP methods)
 
+DDP.thread_env()      # under torchrun: cores // local ranks threads each
 default_thread_env()  # before torch and numba start their thread pools
 
 from mpi_examples import data as D  # noqa: E402
 from mpi_examples import methods as M  # noqa: E402
 from mpi_examples import models as MOD  # noqa: E402
-from mpi_examples.cluster import Cluster, env_rank, set_compute_threads  # noqa: E402
+from mpi_examples.cluster import set_compute_threads  # noqa: E402
+from mpi_examples.ddp_run import env_rank  # noqa: E402
 
 PROG = "train.py"
 
@@ -123,9 +128,9 @@ def beta_float(text):
 
 
 def method_name(text):
-    if text not in M.METHODS:
+    if text not in DDP.METHODS:
         raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose one of: "
-                                         + ", ".join(M.METHODS))
+                                         + ", ".join(DDP.METHODS))
     return text
 
 
@@ -174,7 +179,7 @@ GRID_KEYS = {
 def build_parser():
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter,
-               epilog="Methods: " + ", ".join(M.METHODS))
+               epilog="Methods: " + ", ".join(DDP.METHODS))
     p.add_argument("--method", type=method_name, default="mvsm-v1", metavar="NAME",
                    help="training method (default mvsm-v1); see the list below")
     p.add_argument("--data", choices=D.DATASETS, default="digits",
@@ -186,8 +191,9 @@ def build_parser():
     p.add_argument("--schedule", type=schedule_name, default=None,
                    help="vote schedule of the majority-vote methods: allgather, sharded or "
                         "allreduce (default: the optimizer's)")
-    p.add_argument("--transport", choices=("auto", "mpi", "horovod"), default="auto",
-                   help="auto (default): Horovod when launched by horovodrun, else mpi4py")
+    p.add_argument("--transport", choices=("auto", "mpi", "horovod", "torch"), default="auto",
+                   help="auto (default): Horovod when launched by horovodrun, "
+                        "torch.distributed (DDP) by torchrun, else mpi4py")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate (default: per method, see methods.DEFAULTS)")
     p.add_argument("--beta", type=beta_float, default=None,
@@ -294,7 +300,7 @@ def base_config(args, **over) -> RunConfig:
 def finish_config(cfg: RunConfig) -> RunConfig:
     """Fill the per-method defaults; drop beta where the method has no momentum; the
     split (--heterogeneous is --split sorted; alpha only for dirichlet)."""
-    lr_default, beta_default = M.DEFAULTS[cfg.method]
+    lr_default, beta_default = DDP.defaults(cfg.method)
     lr = cfg.lr if cfg.lr is not None else lr_default
     beta = cfg.beta if cfg.beta is not None else beta_default
     if not M.uses_beta(cfg.method):
@@ -382,7 +388,7 @@ class RunResult:
 def validate(cfg: RunConfig, cluster, share: int):
     """Checks that need the number of ranks; identical on every rank."""
     n = cluster.size
-    fam = M.family(cfg.method)
+    fam = DDP.family(cfg.method)
     if cfg.byzantine:
         if n == 1:
             raise UsageError("--byzantine needs several ranks (launch with mpirun/horovodrun)")
@@ -454,17 +460,23 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
     cluster.broadcast_model(model)
     d = MOD.count_parameters(model)
     byzantine = rank >= n - cfg.byzantine
-    fam = M.family(cfg.method)
+    fam = DDP.family(cfg.method)
     try:
-        method = M.create(cfg.method, model, cluster, lr=cfg.lr, beta=cfg.beta,
-                          schedule=cfg.schedule, seed=cfg.seed,
-                          byzantine=byzantine and fam == "vote", weight_decay=cfg.weight_decay)
-        if cfg.R is not None:
-            with_r_policy(method, cfg, model, cluster, byzantine)
+        method = DDP.create(cfg.method, model, cluster, lr=cfg.lr, beta=cfg.beta,
+                            schedule=cfg.schedule, seed=cfg.seed,
+                            byzantine=byzantine and fam == "vote",
+                            weight_decay=cfg.weight_decay, R=cfg.R)
+        if method is None:  # not through DDP
+            method = M.create(cfg.method, model, cluster, lr=cfg.lr, beta=cfg.beta,
+                              schedule=cfg.schedule, seed=cfg.seed,
+                              byzantine=byzantine and fam == "vote", weight_decay=cfg.weight_decay)
+            if cfg.R is not None:
+                with_r_policy(method, cfg, model, cluster, byzantine)
     except ValueError as exc:  # the optimizer's own argument checks, alike on every rank
         raise UsageError(f"{cfg.method}: {exc}")
     # Faulty ranks of the other families invert what they send by inverting their gradient.
     loss_sign = -1.0 if (byzantine and fam != "vote") else 1.0
+    net = getattr(method, "module", model)  # DDP methods: forward through the DDP model
     steps = D.steps_per_epoch(len(train_idx), cfg.batch_size)
 
     writer = MET.MetricsWriter(metrics_path if rank == 0 else None)
@@ -508,7 +520,7 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
             t0 = time.perf_counter()
             method.zero_grad()
             xb, yb = x_train[idx], y_train[idx]
-            out = model(xb)
+            out = net(xb)
             loss = F.cross_entropy(out, yb)
             (loss * loss_sign).backward()
             compute_s = time.perf_counter() - t0
@@ -605,7 +617,7 @@ def main(argv=None) -> list[RunResult]:
         dataset = D.limit_train(dataset, args.train_samples)
     set_compute_threads()
     try:
-        cluster = Cluster(args.transport)
+        cluster = DDP.make_cluster(args.transport)
     except (RuntimeError, ValueError) as exc:
         raise UsageError(str(exc))
     if cluster.size > len(dataset.y_train):

@@ -145,3 +145,33 @@ def test_torch_transport_without_a_process_group():
         get_transport("torch")
     with pytest.raises(ValueError, match="'torch'"):
         get_transport("tcp")
+
+
+# -- the training script under torchrun ------------------------------------------------------
+TRAIN = ROOT / "mpi_examples" / "train.py"
+
+
+def test_train_under_torchrun_trains_through_the_hook():
+    job = launch(TRAIN, 2, launcher="torchrun", args=["--method", "mvsm-v1", "--epochs", 2],
+                 timeout=600, env=ONE_THREAD, need_results=False)
+    last = [line for line in job.output.splitlines() if line.strip()][-1]
+    m = re.search(r"^final: mvsm-v1 on 2 rank\(s\), 2 epochs: test accuracy ([0-9.]+)", last)
+    assert m, job.output
+    assert float(m.group(1)) > 0.6, last          # chance is 0.1 (10 digits)
+    assert "engine torch" in job.output and "29.5x as much" in last
+
+
+def test_train_ddp_baselines_and_bad_input():
+    job = launch(TRAIN, 2, launcher="torch", timeout=600, env=ONE_THREAD, need_results=False,
+                 args=["--grid", "method=ddp-fp32,ddp-fp16,ddp-powersgd", "--epochs", 1,
+                       "--train-samples", 600, "--no-full-grad", "--progress", "none"])
+    rows = {line.split()[0].split("_")[0]: line.split() for line in job.output.splitlines()
+            if line.startswith("ddp-")}
+    assert set(rows) == {"ddp-fp32", "ddp-fp16", "ddp-powersgd"}, job.output
+    ratio = {k: float(v[-1].rstrip("x")) for k, v in rows.items()}
+    assert ratio["ddp-fp32"] == 1.0 and ratio["ddp-fp16"] == 0.5 and ratio["ddp-powersgd"] < 0.3
+    assert all(float(v[1]) > 0.3 for v in rows.values()), job.output
+    bad = launch(TRAIN, 2, launcher="torch", timeout=300, env=ONE_THREAD, need_results=False,
+                 expect_failure=True, args=["--method", "mvsm-v3"])
+    assert bad.output.count("unknown method 'mvsm-v3'") == 1, bad.output   # rank 0 only
+    assert "ddp-powersgd" in bad.output and "Traceback" not in bad.output
