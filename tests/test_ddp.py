@@ -68,6 +68,11 @@ def test_no_sync_accumulation(features):
         assert features[r]["nosync-0"].all() and features[r]["nosync-1"].all()
 
 
+def test_gradient_as_bucket_view_and_static_graph(features):
+    for r in range(2):
+        assert features[r]["option-view"].all() and features[r]["option-static"].all()
+
+
 def test_checkpoint_resume_equals_uninterrupted(features):
     for r in range(2):
         assert bool(features[r]["resume_same"])

@@ -81,7 +81,7 @@ def flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
 
 
-def pair(find_unused, cap):
+def pair(find_unused, cap, **ddp_options):
     """(ddp model, plain model) with the same parameters; ``unused`` frozen unless DDP
     is told to find unused parameters (DDP without it refuses a parameter that gets no
     gradient; a frozen parameter has none in the optimizer either)."""
@@ -89,15 +89,15 @@ def pair(find_unused, cap):
     if not find_unused:
         base.unused.requires_grad_(False)
     plain = copy.deepcopy(base)
-    ddp = DDP(base, bucket_cap_mb=cap, find_unused_parameters=find_unused)
+    ddp = DDP(base, bucket_cap_mb=cap, find_unused_parameters=find_unused, **ddp_options)
     return ddp, plain
 
 
 def oracle(method, opts, *, rank, case, steps=20, find_unused=True, cap=0.002,
-           accumulate=1, transport="torch"):
+           accumulate=1, transport="torch", ddp_options=None):
     """Run both faces ``steps`` steps; returns (per-step equality, final flat params of
     the DDP face, the hook state, the plain model)."""
-    ddp, plain = pair(find_unused, cap)
+    ddp, plain = pair(find_unused, cap, **(ddp_options or {}))
     state = signcomm.ddp.register(ddp, method, **opts)
     sgd = torch.optim.SGD(ddp.parameters(), lr=LR)
     opt = signcomm.create_optimizer(method, plain.parameters(), lr=LR, transport=transport,

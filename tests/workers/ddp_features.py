@@ -47,6 +47,13 @@ for fu in (False, True):
                           find_unused=fu, accumulate=3)
     out[f"nosync-{int(fu)}"] = eq
 
+# -- DDP options: gradients as bucket views, a static graph -------------------------------
+for key, ddp_options in (("view", dict(gradient_as_bucket_view=True)),
+                         ("static", dict(static_graph=True))):
+    eq, _, _, _ = oracle("mvsm-v1", dict(schedule="sharded"), rank=rank, case=5, steps=6,
+                         find_unused=False, ddp_options=ddp_options)
+    out[f"option-{key}"] = eq
+
 # -- checkpoint at step k, resume == uninterrupted ----------------------------------------
 METHOD, OPTS, K, STEPS = "mvsm-v1", dict(schedule="allreduce", seed=11), 4, 9
 
