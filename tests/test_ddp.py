@@ -73,6 +73,11 @@ def test_gradient_as_bucket_view_and_static_graph(features):
         assert features[r]["option-view"].all() and features[r]["option-static"].all()
 
 
+def test_half_precision_parameters(features):
+    for r in range(2):
+        assert features[r]["dtype-float16"].all() and features[r]["dtype-bfloat16"].all()
+
+
 def test_checkpoint_resume_equals_uninterrupted(features):
     for r in range(2):
         assert bool(features[r]["resume_same"])

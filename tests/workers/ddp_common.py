@@ -47,7 +47,7 @@ class Awkward(nn.Module):
     """Tensors of 1, 9, 17, 4, ... and 871 coordinates (not multiples of 8 or 64), and
     ``unused`` (between used ones in parameter order) which never gets a gradient."""
 
-    def __init__(self, seed=0):
+    def __init__(self, seed=0, dtype=torch.float32):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.emb = nn.Linear(13, 67)
@@ -59,6 +59,7 @@ class Awkward(nn.Module):
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        self.to(dtype)
 
     def forward(self, x):
         h = torch.tanh(self.emb(x)) * self.scale
@@ -78,14 +79,14 @@ def loss_of(model, x, y):
 
 
 def flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
+    return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()]).numpy().copy()
 
 
-def pair(find_unused, cap, **ddp_options):
+def pair(find_unused, cap, dtype=torch.float32, **ddp_options):
     """(ddp model, plain model) with the same parameters; ``unused`` frozen unless DDP
     is told to find unused parameters (DDP without it refuses a parameter that gets no
     gradient; a frozen parameter has none in the optimizer either)."""
-    base = Awkward()
+    base = Awkward(dtype=dtype)
     if not find_unused:
         base.unused.requires_grad_(False)
     plain = copy.deepcopy(base)
@@ -94,10 +95,10 @@ def pair(find_unused, cap, **ddp_options):
 
 
 def oracle(method, opts, *, rank, case, steps=20, find_unused=True, cap=0.002,
-           accumulate=1, transport="torch", ddp_options=None):
+           accumulate=1, transport="torch", ddp_options=None, dtype=torch.float32):
     """Run both faces ``steps`` steps; returns (per-step equality, final flat params of
     the DDP face, the hook state, the plain model)."""
-    ddp, plain = pair(find_unused, cap, **(ddp_options or {}))
+    ddp, plain = pair(find_unused, cap, dtype, **(ddp_options or {}))
     state = signcomm.ddp.register(ddp, method, **opts)
     sgd = torch.optim.SGD(ddp.parameters(), lr=LR)
     opt = signcomm.create_optimizer(method, plain.parameters(), lr=LR, transport=transport,
@@ -108,6 +109,7 @@ def oracle(method, opts, *, rank, case, steps=20, find_unused=True, cap=0.002,
         opt.zero_grad()
         for k in range(accumulate):
             x, y = batch(rank, t * accumulate + k, case)
+            x = x.to(dtype)
             if k < accumulate - 1:
                 with ddp.no_sync():
                     loss_of(ddp, x, y).backward()

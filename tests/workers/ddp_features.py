@@ -54,6 +54,12 @@ for key, ddp_options in (("view", dict(gradient_as_bucket_view=True)),
                          find_unused=False, ddp_options=ddp_options)
     out[f"option-{key}"] = eq
 
+# -- fp16 / bf16 parameters: buckets of that dtype, the vote in it ------------------------
+for dtype in (torch.float16, torch.bfloat16):
+    eq, _, _, _ = oracle("mvsm-v2", dict(schedule="allreduce"), rank=rank, case=6, steps=6,
+                         find_unused=True, dtype=dtype)
+    out[f"dtype-{str(dtype)[6:]}"] = eq
+
 # -- checkpoint at step k, resume == uninterrupted ----------------------------------------
 METHOD, OPTS, K, STEPS = "mvsm-v1", dict(schedule="allreduce", seed=11), 4, 9
 
