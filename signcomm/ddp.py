@@ -102,9 +102,11 @@ def resolve_options(method: str, options: dict) -> tuple:
     if kwargs["schedule"] not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {kwargs['schedule']!r}")
     if kwargs["contribution"] not in CONTRIBUTIONS:
-        raise ValueError(f"contribution must be one of {CONTRIBUTIONS}, got {kwargs['contribution']!r}")
+        raise ValueError(f"contribution must be one of {CONTRIBUTIONS}, "
+                         f"got {kwargs['contribution']!r}")
     if kwargs["momentum_init"] not in MOMENTUM_INITS:
-        raise ValueError(f"momentum_init must be one of {MOMENTUM_INITS}, got {kwargs['momentum_init']!r}")
+        raise ValueError(f"momentum_init must be one of {MOMENTUM_INITS}, "
+                         f"got {kwargs['momentum_init']!r}")
     RPolicy(kwargs["R"])
     kwargs["seed"] = int(kwargs["seed"])
     return key, kwargs
@@ -188,7 +190,8 @@ class MVSMHookState:
         """Resume from ``state_dict()``: the next step continues the saved run bit for bit
         (with the same parameters and data)."""
         if state.get("method", self.method) != self.method:
-            raise ValueError(f"checkpoint is for {state['method']!r}, this hook runs {self.method!r}")
+            raise ValueError(f"checkpoint is for {state['method']!r}, this hook runs "
+                             f"{self.method!r}")
         saved = state.get("options", {})
         for key in ("seed", "variant", "contribution", "momentum_init"):
             if key in saved and saved[key] != self.options[key]:
@@ -285,7 +288,8 @@ class _Runtime:
         self.index = {id(p): i for i, p in enumerate(self.params)}
         self.numel = [p.numel() for p in self.params]
         ignored = set(getattr(ddp_model, "parameters_to_ignore", ()) or ())
-        self.ddp = [i for i, (name, p) in enumerate(named) if p.requires_grad and name not in ignored]
+        self.ddp = [i for i, (name, p) in enumerate(named)
+                    if p.requires_grad and name not in ignored]
         self.deferred = bool(getattr(ddp_model, "find_unused_parameters", True)
                              or getattr(ddp_model, "static_graph", False))
         # static positions: every DDP parameter has a gradient (find_unused_parameters=False)

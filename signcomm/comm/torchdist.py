@@ -17,7 +17,8 @@ in which each rank starts them.  The engine starts each channel's calls in the s
 order on every rank, but not the calls of different channels (a rank may post bucket
 2's control before bucket 1's vote, another after), so each channel gets its own
 process group, made with ``dist.new_group`` over the same ranks at construction (a
-collective call: every rank constructs its transports in the same order).  The user's
+collective call: every rank constructs its transports in the same order) and shared by
+the later transports on the same ranks.  The user's
 own group (DDP's) is never used for signcomm's traffic, so DDP's calls on it (buffer
 broadcasts, the unused-parameter map) never interleave with ours.
 
@@ -36,6 +37,14 @@ import numpy as np
 
 from ..kernels.xp import is_cupy
 from .base import Handle, Transport, TransportError
+
+#: Channel groups made so far, per (world, ranks, backend): every transport on the same
+#: ranks shares them (new_group is collective and each group holds connections, so a
+#: job that builds many optimizers must not make three groups each).  Transports that
+#: share groups must not post on one channel at the same time from different places
+#: whose order differs across ranks (the same rule as for one transport).
+_GROUPS = {}
+_PROBED = set()
 
 LAUNCH_HINT = ("launch with `torchrun --nproc-per-node N your_script.py` and call "
                "torch.distributed.init_process_group('gloo') (CPU) or ('nccl') (CUDA) first")
@@ -112,20 +121,26 @@ class TorchDistTransport(Transport):
         local = len(ranks) != dist.get_world_size()
 
         def groups(backend):
-            try:
-                return [dist.new_group(ranks, backend=backend, use_local_synchronization=local)
-                        for _ in range(self.CHANNELS)]
-            except (RuntimeError, ValueError) as exc:
-                raise TransportError(f"cannot make {backend!r} process groups over ranks "
-                                     f"{ranks} for signcomm's channels ({exc}); " + USE) from exc
+            key = (id(dist.group.WORLD), tuple(ranks), backend)
+            if key not in _GROUPS:
+                try:
+                    _GROUPS[key] = [dist.new_group(ranks, backend=backend,
+                                                   use_local_synchronization=local)
+                                    for _ in range(self.CHANNELS)]
+                except (RuntimeError, ValueError) as exc:
+                    raise TransportError(f"cannot make {backend!r} process groups over "
+                                         f"ranks {ranks} for signcomm's channels ({exc}); "
+                                         + USE) from exc
+            return key, _GROUPS[key]
 
         # one group per channel and device kind (see the module docstring)
-        self.cpu_groups = groups(self.cpu_backend)
-        self.cuda_groups = groups("nccl") if self.cuda_backend else None
+        cpu_key, self.cpu_groups = groups(self.cpu_backend)
+        self.cuda_groups = groups("nccl")[1] if self.cuda_backend else None
         self._ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
                      "min": dist.ReduceOp.MIN}
-        if probe:
+        if probe and cpu_key not in _PROBED:
             self._probe()
+            _PROBED.add(cpu_key)
 
     @property
     def rank(self) -> int:
@@ -160,9 +175,10 @@ class TorchDistTransport(Transport):
                 try:
                     call()
                 except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+                    why = (str(exc).splitlines() or [""])[0]
                     raise TransportError(
                         f"rank {self._rank}: process group backend {self.cpu_backend!r} cannot "
-                        f"run {what} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        f"run {what} ({type(exc).__name__}: {why}); "
                         f"signcomm's torch transport needs {NEEDS}: " + USE) from exc
 
     # -- buffers: a torch tensor for the backend, and the result in the caller's kind ----

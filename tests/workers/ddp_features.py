@@ -37,7 +37,8 @@ eq_small, p_small, _, b_small = oracle("mvsm-v1", dict(schedule="sharded", seed=
                                        case=1, steps=8, find_unused=False, cap=0.002)
 eq_one, p_one, _, b_one = oracle("mvsm-v1", dict(schedule="sharded", seed=7), rank=rank,
                                  case=1, steps=8, find_unused=False, cap=25)
-out.update(rebuild_eq=np.concatenate([eq_small, eq_one]), rebuild_same=np.array_equal(p_small, p_one),
+out.update(rebuild_eq=np.concatenate([eq_small, eq_one]),
+           rebuild_same=np.array_equal(p_small, p_one),
            buckets_first=len(b_small[0]), buckets_later=len(b_small[1]),
            buckets_changed=b_small[0] != b_small[1], buckets_one=len(b_one[-1]))
 
@@ -144,7 +145,9 @@ class AllreduceOnly(dist.ProcessGroup):
         self.inner = inner
 
     def allreduce(self, tensors, opts=None):
-        return self.inner.allreduce(tensors) if opts is None else self.inner.allreduce(tensors, opts)
+        if opts is None:
+            return self.inner.allreduce(tensors)
+        return self.inner.allreduce(tensors, opts)
 
     def barrier(self, opts=None):
         return self.inner.barrier()
