@@ -13,7 +13,8 @@ CPU; NCCL is the backend for CUDA models) and trains through DDP:
   the optimizer does under mpirun with the same seed and data;
 - ``ddp-fp32`` (DDP's own fp32 allreduce), ``ddp-fp16`` (PyTorch's
   ``fp16_compress_hook``) and ``ddp-powersgd`` (PyTorch's PowerSGD hook, rank 4,
-  compressing from the second step) with SGD with momentum ``1 - beta``, as ``sgdm``;
+  compressing from the third step, the model in one DDP bucket: see DDPMethod) with SGD
+  with momentum ``1 - beta``, as ``sgdm``;
 - ``sgdm`` / ``adamw`` average the gradients with one fp32 allreduce through
   ``signcomm.comm.TorchDistTransport`` (as under mpirun), ``signum`` / ``signsgd`` run on
   one process, the ``hvd-*`` compressors need Horovod.
@@ -125,9 +126,13 @@ class DDPMethod:
 
         import signcomm.ddp
         self.name, self.n = name, cluster.size
-        self.module = DistributedDataParallel(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.d = sum(p.numel() for p in params)
+        # PyTorch's PowerSGD hook posts its next allreduce from gloo's callback threads, in
+        # completion order: with several buckets that order differs across ranks (gloo:
+        # "collective mismatch", or a hang with its 2 threads); one bucket avoids it
+        cap = {"bucket_cap_mb": 4 * self.d / 2 ** 20 + 1} if name == "ddp-powersgd" else {}
+        self.module = DistributedDataParallel(model, **cap)
         self.hook_state = self.powersgd = None
         if name in M.VOTE_METHODS:
             options = dict(seed=seed)
