@@ -96,9 +96,14 @@ class Handle:
         if not (warn or end):
             return  # no detector: the transport's own blocking wait
         t0, k, warned = time.perf_counter(), 0, False
+        background = self._transport.background_progress
+        pause = 2e-5
         while not self._test():
             k += 1
-            if k < 64:
+            if background:  # the data moves in other threads: leave them the core
+                time.sleep(pause)
+                pause = min(2 * pause, 1e-3)
+            elif k < 64:
                 continue
             waited = time.perf_counter() - t0
             if waited > 1.0:
@@ -139,6 +144,10 @@ class Transport:
 
     name = "abstract"
     CHANNELS = 3
+    #: True when collectives progress in threads of their own (Horovod, gloo, NCCL): a
+    #: waiter then sleeps between tests; False (MPI) when they progress inside the calls
+    #: that test them, so a waiter tests without pause, as a blocking wait would.
+    background_progress = False
 
     def __init__(self):
         self.ledger = Ledger()

@@ -24,6 +24,7 @@ class HorovodTransport(Transport):
     """Collectives through Horovod on ``process_set`` (default: all ranks)."""
 
     name = "horovod"
+    background_progress = True   # Horovod's own thread moves the data
 
     def __init__(self, process_set=None):
         super().__init__()

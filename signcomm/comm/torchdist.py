@@ -31,12 +31,11 @@ fails at once on every rank, saying which backend to use.
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
 from ..kernels.xp import is_cupy
-from .base import Handle, Transport, TransportError
+from .base import Transport, TransportError
 
 #: Channel groups made so far, per (world, ranks, backend): every transport on the same
 #: ranks shares them (new_group is collective and each group holds connections, so a
@@ -98,6 +97,7 @@ class TorchDistTransport(Transport):
     group).  ``probe=False`` skips the construction-time check of the collectives."""
 
     name = "torch"
+    background_progress = True   # gloo and NCCL move the data in their own threads
 
     def __init__(self, process_group=None, *, probe: bool = True):
         super().__init__()
@@ -204,11 +204,6 @@ class TorchDistTransport(Transport):
         a = np.ascontiguousarray(buf)
         return torch.from_numpy(a), self.cpu_groups[channel], (lambda out: out.numpy())
 
-    def _handle(self, *args, **kwargs):
-        handle = super()._handle(*args, **kwargs)
-        handle.__class__ = _PatientHandle
-        return handle
-
     @staticmethod
     def _post(work, result):
         def finish():
@@ -242,24 +237,3 @@ class TorchDistTransport(Transport):
         out = t.clone()
         self.dist.broadcast(out, group=g, group_src=root)
         return back(out)
-
-
-class _PatientHandle(Handle):
-    """A blocking wait tests with a pause between tries: gloo and NCCL move the data in
-    their own threads, which a waiter spinning on ``is_completed`` would rob of a core
-    when ranks share them (the stall detector of ``Handle`` runs as usual)."""
-
-    def _poll(self):
-        test = self._test
-
-        def patient():
-            if test():
-                return True
-            time.sleep(2e-5)
-            return False
-
-        self._test = patient
-        try:
-            super()._poll()
-        finally:
-            self._test = test
