@@ -1,11 +1,25 @@
-"""numba kernels of the float64 count-field words (``fields.py`` is the codec; the int64
-words are ``_cpu.pack_count_fields``), and the counts hash of the compressors' shared
-keys.  Each kernel has a plain NumPy twin (``*_reference``) that states the same layout
-in array operations; ``tests/test_compressors.py`` keeps them identical.
+"""numba kernels of the count-field words (``fields.py`` is the codec), and the counts
+hash of the compressors' shared keys.  Each kernel has a plain NumPy twin
+(``*_reference``) that states the same layout in array operations; the tests keep them
+identical.
 
-Layout: coordinate ``i`` is field ``i % F`` of word ``i // F``; field ``j`` occupies bits
-``j*b .. j*b + b - 1`` of the word's integer value, which is stored exactly as a float64
-(``F * b <= 50 - b`` keeps it, and any sum of n such words, below 2**50 / 2**b).
+Layouts: coordinate ``i`` is field ``i % F`` of word ``i // F``, and field ``j`` is digit
+``j`` of the word's integer value in base ``B``: ``word = sum_j c_j * B**j``.  Binary
+layouts have ``B = 2**b`` (field ``j`` at bits ``j*b .. j*b + b - 1``); radix layouts have
+``B = n + 1``, the fewest bits that still let a sum of n words add every digit without a
+carry.  The words are stored as int64, or exactly as float64 (then ``B**F <= 2**(50 - b)``
+keeps any sum of n such words, and any scaled sum, below 2**53).
+
+Speed notes (``benchmarks/compressor_bench.py --profile`` measures them against a copy):
+
+- encode reads the packed bits as a stream, eight coordinates at a time, and turns each
+  byte into its digits with one table lookup and one multiply (``table[byte] * B**(8t)``);
+- decode of binary fields spreads eight b-bit fields into eight bytes with one ``pdep``
+  (BMI2) and one 8-byte store; radix words are split into groups of k digits with a
+  float64 multiply by ``1 / B**k`` (exact after one correction, every value is below
+  2**53) and a table lookup that yields k count bytes at once;
+- both run over chunks of words in parallel; a chunk's last word is stored byte by byte
+  so no 8-byte store crosses into another thread's counts.
 """
 from __future__ import annotations
 
@@ -147,3 +161,519 @@ def decode_fields_reference(words, inv_scale, d, b, f):
     shifts = np.arange(f, dtype=np.int64) * b
     fields = (ints[:, None] >> shifts) & ((1 << b) - 1)
     return fields.reshape(-1)[:d]
+
+
+# ---------------------------------------------------------------------------------------
+# Fast codec: any base B (binary B = 2**b, radix B = n + 1), int64 or float64 words
+
+from numba import types as _nbtypes  # noqa: E402
+from numba.core import cgutils as _cgutils  # noqa: E402
+from numba.extending import intrinsic as _intrinsic  # noqa: E402
+
+pjit = numba.njit(cache=True, nogil=True, parallel=True)
+
+ONES8 = np.uint64(0x0101010101010101)
+HIGH8 = np.uint64(0x8080808080808080)
+EVEN16 = np.uint64(0x00FF00FF00FF00FF)
+WORD_CHUNK = 1 << 12     # words per parallel task
+
+
+def _host_has_bmi2() -> bool:
+    try:
+        import llvmlite.binding as ll
+        return "+bmi2" in ll.get_host_cpu_features().flatten().split(",")
+    except Exception:  # pragma: no cover - then the portable decode runs
+        return False
+
+
+HAVE_PDEP = _host_has_bmi2()
+
+
+@_intrinsic
+def _pdep64(typingctx, src, mask):
+    """BMI2 ``pdep``: deposit the low bits of src at the set bits of mask."""
+    sig = _nbtypes.uint64(_nbtypes.uint64, _nbtypes.uint64)
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(64)])
+        fn = _cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.bmi.pdep.64")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@_intrinsic
+def _store_u64(typingctx, arr, idx, val):
+    """Store the uint64 val at byte idx of the uint8 array arr (unaligned, unchecked)."""
+    sig = _nbtypes.void(arr, _nbtypes.intp, _nbtypes.uint64)
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.IntType(64).as_pointer())
+        builder.store(args[2], ptr).align = 1
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@_intrinsic
+def _load_u64(typingctx, arr, idx):
+    """The uint64 at byte idx of the uint8 array arr (unaligned, unchecked)."""
+    sig = _nbtypes.uint64(arr, _nbtypes.intp)
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.IntType(64).as_pointer())
+        val = builder.load(ptr)
+        val.align = 1
+        return val
+
+    return sig, codegen
+
+
+@_intrinsic
+def _ctpop64(typingctx, x):
+    """Number of 1 bits of a uint64 (one ``popcnt``)."""
+    sig = _nbtypes.uint64(_nbtypes.uint64)
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return sig, codegen
+
+
+def digit_table(base: int):
+    """T[v] for a byte v: sum over its bits k of bit_k * base**k (int64).  For
+    ``base = 2**b`` this is ``spread(b)`` (bit k moved to bit k*b)."""
+    base = int(base)
+    return np.array([sum(((v >> k) & 1) * base ** k for k in range(8)) if base ** 7 < 2 ** 63
+                     else sum(((v >> k) & 1) * base ** k for k in range(8) if base ** k < 2 ** 63)
+                     for v in range(256)], np.int64)
+
+
+def byte_powers(base: int, f: int):
+    """base**(8t) for the ceil(f / 8) byte groups of a word (int64)."""
+    return np.array([int(base) ** (8 * t) for t in range(-(-int(f) // 8))], np.int64)
+
+
+def group_table(base: int, k: int):
+    """DT[v] for v < base**k: the k base-``base`` digits of v, digit j in byte j (uint64)."""
+    g = int(base) ** int(k)
+    v = np.arange(g, dtype=np.int64)
+    out = np.zeros(g, np.uint64)
+    for j in range(int(k)):
+        out |= ((v % base).astype(np.uint64)) << np.uint64(8 * j)
+        v //= base
+    return out
+
+
+@jit
+def _encode_chunk(c, packed, d, f, table, powers, out):
+    """Words c*WORD_CHUNK .. of ``encode_words``; returns their popcount.  The packed
+    bits are read as a stream, at most 8 at a time (one byte, then a table lookup)."""
+    nwords = out.shape[0]
+    nbytes = (d + 7) >> 3
+    ngroups = powers.shape[0]
+    w0 = c * WORD_CHUNK
+    w1 = min(nwords, w0 + WORD_CHUNK)
+    s = w0 * f
+    nxt = s >> 3
+    buf = np.uint64(0)   # the next nbuf bits of the stream, low bit first
+    nbuf = 0
+    if s & 7:
+        buf = np.uint64(packed[nxt]) >> np.uint64(s & 7)
+        nbuf = 8 - (s & 7)
+        nxt += 1
+    pop = 0
+    for w in range(w0, w1):
+        m = min(f, d - w * f)
+        acc = np.int64(0)
+        for t in range(ngroups):
+            k = min(8, m - 8 * t)
+            if k <= 0:
+                break
+            if nbuf < k:
+                if nxt < nbytes:
+                    buf |= np.uint64(packed[nxt]) << np.uint64(nbuf)
+                    nxt += 1
+                nbuf += 8
+            byte = buf & ((np.uint64(1) << np.uint64(k)) - np.uint64(1))
+            buf >>= np.uint64(k)
+            nbuf -= k
+            pop += np.int64(_ctpop64(byte))
+            acc += table[np.int64(byte)] * powers[t]
+        out[w] = acc
+    return pop
+
+
+@pjit
+def encode_words(packed, d, f, table, powers, out):
+    """Packed bits (kernels' convention) of d coordinates -> ``out[w]`` = sum over the
+    coordinates i = w*f + j of bit_i * B**j, as ``sum_t table[byte_t] * powers[t]`` with
+    byte_t the bits of coordinates w*f + 8t .. w*f + 8t + 7 (``digit_table``,
+    ``byte_powers``).  ``out`` is int64 or float64 (exact: every word < 2**53 there).
+    Returns the number of 1 bits.  Parallel over chunks of words."""
+    nchunks = (out.shape[0] + WORD_CHUNK - 1) // WORD_CHUNK
+    pops = np.zeros(nchunks, np.int64)
+    for c in numba.prange(nchunks):
+        pops[c] = _encode_chunk(c, packed, d, f, table, powers, out)
+    return pops.sum()
+
+
+@jit
+def encode_words_serial(packed, d, f, table, powers, out):
+    """``encode_words`` on the calling thread (small tensors: no thread-pool wake-up)."""
+    pop = 0
+    for c in range((out.shape[0] + WORD_CHUNK - 1) // WORD_CHUNK):
+        pop += _encode_chunk(c, packed, d, f, table, powers, out)
+    return pop
+
+
+@jit
+def _word_int(words, w, inv_scale, is_float, limit, vmax):
+    """Word w as an exact integer: (value, distance of the scaled float from it, ok).
+    ok is False for a value outside [0, limit) (float64 words; or NaN) or [0, vmax]
+    (int64 words)."""
+    if is_float:
+        x = np.float64(words[w]) * inv_scale
+        r = np.rint(x)
+        dev = abs(x - r)
+        if not (r >= 0.0 and r < limit):
+            return np.int64(0), (dev if dev == dev else np.inf), False
+        return np.int64(r), dev, True
+    v = np.int64(words[w])
+    return v, 0.0, v >= 0 and v <= vmax
+
+
+@jit
+def _store8(out, p, x, limit):
+    """Bytes of x (little-endian) to out[p:p+8], those at or past limit dropped."""
+    if p + 8 <= limit:
+        _store_u64(out, p, x)
+    else:
+        for j in range(limit - p):
+            out[p + j] = np.uint8((x >> np.uint64(8 * j)) & np.uint64(0xFF))
+
+
+@jit
+def _exact_words(words, w0, nb, inv_scale, is_float, limit, vmax, v_out):
+    """Words w0 .. w0 + nb - 1 as exact integers into v_out (a vectorisable pass):
+    (max distance of a scaled float64 word from its integer, number of words outside
+    [0, limit) or [0, vmax] (NaN included); those decode as 0)."""
+    mdev = 0.0
+    bad = 0
+    ws = words[w0:w0 + nb]
+    if is_float:
+        nan = 0
+        for i in range(nb):
+            x = np.float64(ws[i]) * inv_scale
+            r = np.rint(x)
+            dev = abs(x - r)
+            mdev = max(mdev, dev)
+            nan |= np.int64(dev != dev)
+            ok = (r >= 0.0) & (r < limit)
+            bad += np.int64(not ok)
+            v_out[i] = np.int64(r if ok else 0.0)
+        if nan:
+            mdev = np.inf
+    else:
+        for i in range(nb):
+            v = np.int64(ws[i])
+            ok = (v >= 0) & (v <= vmax)
+            bad += np.int64(not ok)
+            v_out[i] = v if ok else 0
+    return mdev, bad
+
+
+@jit
+def _binary8_chunk(c, words, inv_scale, is_float, limit, vmax, d, b, f, n, counts):
+    """Words c*WORD_CHUNK .. of ``decode_binary8``: (max dev, bad)."""
+    nwords = words.shape[0]
+    fmask = np.uint64((1 << b) - 1)
+    dep = fmask * ONES8                       # the low b bits of every byte
+    gbits = 8 * b
+    gmask = (np.uint64(1) << np.uint64(gbits)) - np.uint64(1)
+    over = (np.uint64(0x80) - np.uint64(n + 1)) * ONES8   # byte + over has bit 7 iff > n
+    ngroups = (f + 7) >> 3
+    w0 = c * WORD_CHUNK
+    w1 = min(nwords, w0 + WORD_CHUNK)
+    lim = min(d, w1 * f)
+    vals = np.empty(w1 - w0, np.int64)
+    mdev, bad = _exact_words(words, w0, w1 - w0, inv_scale, is_float, limit, vmax, vals)
+    flagged = np.uint64(0)
+    top = np.uint64(f * b)
+    for i in range(w1 - w0):
+        w = w0 + i
+        u = np.uint64(vals[i])
+        p = w * f
+        if p + 8 * ngroups <= lim:   # a whole word whose 8-byte stores stay before lim
+            bad += (u >> top) != 0
+            for g in range(ngroups):
+                x = _pdep64((u >> np.uint64(g * gbits)) & gmask, dep)
+                flagged |= x + over
+                _store_u64(counts, p + 8 * g, x)
+        else:
+            m = min(f, d - p)
+            bad += (u >> np.uint64(m * b)) != 0
+            for g in range(ngroups):
+                x = _pdep64((u >> np.uint64(g * gbits)) & gmask, dep)
+                flagged |= x + over
+                _store8(counts, p + 8 * g, x, lim)
+    bad += (flagged & HIGH8) != 0
+    return mdev, bad
+
+
+@pjit
+def decode_binary8(words, inv_scale, is_float, limit, vmax, d, b, f, n, counts):
+    """Summed binary-field words (field j at bits j*b, b <= 7) -> uint8 counts, eight
+    fields per ``pdep``.  float64 words are scaled by inv_scale and rounded.  Returns
+    (max distance of a scaled word from its integer, number of bad words: a value
+    outside [0, limit) or [0, vmax], bits above the word's last field; plus one per
+    chunk with a field > n).  The total of the counts is ``byte_total``'s.  Parallel
+    over chunks of words."""
+    nchunks = (words.shape[0] + WORD_CHUNK - 1) // WORD_CHUNK
+    devs = np.zeros(nchunks, np.float64)
+    bads = np.zeros(nchunks, np.int64)
+    for c in numba.prange(nchunks):
+        devs[c], bads[c] = _binary8_chunk(c, words, inv_scale, is_float, limit, vmax, d, b,
+                                          f, n, counts)
+    return (devs.max() if nchunks else 0.0), bads.sum()
+
+
+@jit
+def decode_binary8_serial(words, inv_scale, is_float, limit, vmax, d, b, f, n, counts):
+    """``decode_binary8`` on the calling thread."""
+    mdev, bad = 0.0, 0
+    for c in range((words.shape[0] + WORD_CHUNK - 1) // WORD_CHUNK):
+        dv, bd = _binary8_chunk(c, words, inv_scale, is_float, limit, vmax, d, b, f, n, counts)
+        mdev, bad = (dv if not dv <= mdev else mdev), bad + bd
+    return mdev, bad
+
+
+@jit
+def decode_fields_any(words, inv_scale, is_float, limit, vmax, d, b, f, n, counts):
+    """The portable decode of binary fields (any b, any counts dtype), one field at a
+    time, on the calling thread; same returns as ``decode_binary8``."""
+    mask = np.uint64((1 << b) - 1) if b < 64 else ~np.uint64(0)
+    mdev = 0.0
+    tot = 0
+    bad = 0
+    for w in range(words.shape[0]):
+        v, dev, ok = _word_int(words, w, inv_scale, is_float, limit, vmax)
+        mdev = max(mdev, dev)
+        bad += not ok
+        u = np.uint64(v)
+        i0 = w * f
+        m = min(f, d - i0)
+        for j in range(m):
+            cj = (u >> np.uint64(j * b)) & mask
+            bad += cj > np.uint64(n)
+            counts[i0 + j] = cj
+            tot += np.int64(cj)
+        if m * b < 64 and (u >> np.uint64(m * b)) != 0:
+            bad += 1
+    return mdev, tot, bad
+
+
+@jit
+def _radix_consts(base, f, k):
+    """(gpow, inv_gpow, h, B**h, 1 / B**h) of ``decode_radix8``."""
+    gsize = np.int64(1)
+    for _ in range(k):
+        gsize *= base
+    ngmax = (f + k - 1) // k + 1
+    gpow = np.ones(ngmax + 1, np.int64)
+    inv_gpow = np.ones(ngmax + 1, np.float64)
+    for g in range(1, ngmax + 1):
+        if np.float64(gpow[g - 1]) * np.float64(gsize) < 4.0e18:
+            gpow[g] = gpow[g - 1] * gsize
+        else:   # beyond any part (< 2**53): its quotient is 0
+            gpow[g] = np.int64(1) << 62
+        inv_gpow[g] = 1.0 / np.float64(gpow[g])
+    h = f // 2     # int64 words: split once by B**h (>= 2**11), both parts < 2**53
+    bh = np.int64(1)
+    for _ in range(h):
+        bh *= base
+    return gpow, inv_gpow, h, bh, 1.0 / np.float64(bh)
+
+
+RADIX_BLOCK = 256   # words per block of _radix8_chunk (its quotients stay in L1)
+
+
+@jit
+def _radix_tail(q0, q1, i, p, m, pd, h, k, gsize, is_float, table, counts, lim):
+    """The stores of one word near the end of a chunk (m digits; none past lim);
+    returns what is left of its parts (0 for a valid word)."""
+    n0 = min(m, pd)
+    qcur = q0[0, i]
+    for g in range((n0 + k - 1) // k):
+        qn = q0[g + 1, i]
+        _store8(counts, p + g * k, table[qcur - qn * gsize], lim)
+        qcur = qn
+    left = qcur
+    if not is_float:
+        qcur = q1[0, i]
+        for g in range((m - n0 + k - 1) // k):
+            qn = q1[g + 1, i]
+            _store8(counts, p + h + g * k, table[qcur - qn * gsize], lim)
+            qcur = qn
+        left |= qcur
+    return left
+
+
+@jit
+def _radix8_chunk(c, words, inv_scale, is_float, limit, vmax, d, f, k, table, counts,
+                  gpow, inv_gpow, h, bh, inv_bh):
+    """Words c*WORD_CHUNK .. of ``decode_radix8``: (max dev, bad).
+
+    Per block of RADIX_BLOCK words, two passes.  The first (vectorisable, across words)
+    makes each word an exact integer v and the quotients q_g = floor(v / gpow[g]) of
+    every group g: a float64 multiply by 1 / gpow[g], exact after one correction since
+    v < 2**53 (an int64 word is first split by B**h the same way into two parts below
+    2**53).  The second looks group g = q_g - B**k q_(g+1) up in ``table`` (k count bytes
+    at once) and stores it."""
+    nwords = words.shape[0]
+    w0c = c * WORD_CHUNK
+    w1c = min(nwords, w0c + WORD_CHUNK)
+    lim = min(d, w1c * f)
+    gsize = gpow[1]
+    pd = f if is_float else h            # digits of the first part
+    ng0 = (pd + k - 1) // k
+    ng1 = 0 if is_float else (f - h + k - 1) // k
+    q0 = np.empty((ng0 + 1, RADIX_BLOCK), np.int64)     # quotients of the first part
+    q1 = np.empty((ng1 + 1, RADIX_BLOCK), np.int64)     # ... and of the second
+    vals = np.empty(RADIX_BLOCK, np.int64)
+    mdev = 0.0
+    bad = 0
+    for w0 in range(w0c, w1c, RADIX_BLOCK):
+        nb = min(RADIX_BLOCK, w1c - w0)
+        dv, bd = _exact_words(words, w0, nb, inv_scale, is_float, limit, vmax, vals)
+        mdev = dv if not dv <= mdev else mdev
+        bad += bd
+        if is_float:
+            for i in range(nb):
+                q0[0, i] = vals[i]
+        else:
+            for i in range(nb):
+                v = vals[i]
+                hi = np.int64(np.float64(v) * inv_bh)   # off by at most one
+                lo = v - hi * bh
+                adj = np.int64(lo >= bh) - np.int64(lo < 0)
+                q0[0, i] = lo - adj * bh
+                q1[0, i] = hi + adj
+        for g in range(1, ng0 + 1):
+            gp = gpow[g]
+            ig = inv_gpow[g]
+            src = q0[0]
+            dst = q0[g]
+            for i in range(nb):
+                v = src[i]
+                qn = np.int64(np.float64(v) * ig)
+                r = v - qn * gp
+                dst[i] = qn + np.int64(r >= gp) - np.int64(r < 0)
+        for g in range(1, ng1 + 1):
+            gp = gpow[g]
+            ig = inv_gpow[g]
+            src = q1[0]
+            dst = q1[g]
+            for i in range(nb):
+                v = src[i]
+                qn = np.int64(np.float64(v) * ig)
+                r = v - qn * gp
+                dst[i] = qn + np.int64(r >= gp) - np.int64(r < 0)
+        for i in range(nb):
+            p = (w0 + i) * f
+            if p + f + 8 <= lim:   # a whole word, its 8-byte stores stay before lim
+                qcur = q0[0, i]
+                for g in range(ng0):
+                    qn = q0[g + 1, i]
+                    _store_u64(counts, p + g * k, table[qcur - qn * gsize])
+                    qcur = qn
+                left = qcur
+                if not is_float:
+                    qcur = q1[0, i]
+                    for g in range(ng1):
+                        qn = q1[g + 1, i]
+                        _store_u64(counts, p + h + g * k, table[qcur - qn * gsize])
+                        qcur = qn
+                    left |= qcur
+            else:
+                left = _radix_tail(q0, q1, i, p, min(f, d - p), pd, h, k, gsize, is_float,
+                                   table, counts, lim)
+            bad += left != 0
+    return mdev, bad
+
+
+@pjit
+def decode_radix8(words, inv_scale, is_float, limit, vmax, d, base, f, k, table, counts):
+    """Summed radix words (digit j of the word in base ``base``) -> uint8 counts, k
+    digits per table lookup.  float64 words are below 2**53 and split with float64
+    arithmetic; int64 words (up to 2**63) are first split once by base**(f // 2)
+    (float64 estimate, one correction).  Returns (max distance of a scaled word from its
+    integer, number of bad words: a value outside [0, limit) or [0, vmax], or at least
+    base**m for a word of m digits).  The total of the counts is ``byte_total``'s.
+    Parallel over chunks of words."""
+    gpow, inv_gpow, h, bh, inv_bh = _radix_consts(base, f, k)
+    nchunks = (words.shape[0] + WORD_CHUNK - 1) // WORD_CHUNK
+    devs = np.zeros(nchunks, np.float64)
+    bads = np.zeros(nchunks, np.int64)
+    for c in numba.prange(nchunks):
+        devs[c], bads[c] = _radix8_chunk(c, words, inv_scale, is_float, limit, vmax, d, f, k,
+                                         table, counts, gpow, inv_gpow, h, bh, inv_bh)
+    return (devs.max() if nchunks else 0.0), bads.sum()
+
+
+@jit
+def decode_radix8_serial(words, inv_scale, is_float, limit, vmax, d, base, f, k, table,
+                         counts):
+    """``decode_radix8`` on the calling thread."""
+    gpow, inv_gpow, h, bh, inv_bh = _radix_consts(base, f, k)
+    mdev, bad = 0.0, 0
+    for c in range((words.shape[0] + WORD_CHUNK - 1) // WORD_CHUNK):
+        dv, bd = _radix8_chunk(c, words, inv_scale, is_float, limit, vmax, d, f, k, table,
+                               counts, gpow, inv_gpow, h, bh, inv_bh)
+        mdev, bad = (dv if not dv <= mdev else mdev), bad + bd
+    return mdev, bad
+
+
+@jit
+def byte_total(counts):
+    """Sum of a uint8 array, eight bytes per uint64 with 16-bit lanes (vectorises)."""
+    nbytes = counts.shape[0]
+    nw = nbytes >> 3
+    words = counts[:8 * nw].view(np.uint64)
+    tot = 0
+    for s0 in range(0, nw, 128):         # 128 words: a 16-bit lane holds <= 2 * 128 * 255
+        acc = np.uint64(0)
+        for i in range(s0, min(nw, s0 + 128)):
+            x = words[i]
+            acc += (x & EVEN16) + ((x >> np.uint64(8)) & EVEN16)
+        lane = np.uint64(0xFFFF)
+        tot += np.int64((acc & lane) + ((acc >> np.uint64(16)) & lane) +
+                        ((acc >> np.uint64(32)) & lane) + (acc >> np.uint64(48)))
+    for i in range(8 * nw, nbytes):
+        tot += np.int64(counts[i])
+    return tot
+
+
+def encode_words_reference(packed, d, base, f):
+    """NumPy twin of ``encode_words``: (words as Python ints in an object array, popcount)."""
+    nwords = -(-d // f) if d else 0
+    bits = np.unpackbits(packed[:packed_nbytes(d)], bitorder=BITORDER)[:d].astype(np.int64)
+    bits = np.concatenate([bits, np.zeros(nwords * f - d, np.int64)]).reshape(nwords, f)
+    powers = [int(base) ** j for j in range(f)]
+    words = [sum(int(x) * p for x, p in zip(row, powers)) for row in bits]
+    return words, int(bits.sum())
+
+
+def decode_words_reference(ints, d, base, f):
+    """NumPy twin of the decodes for exact integer words: counts (int64)."""
+    out = np.zeros(len(ints) * f, np.int64)
+    for w, v in enumerate(ints):
+        v = int(v)
+        for j in range(f):
+            v, out[w * f + j] = divmod(v, int(base))
+    return out[:d]

@@ -1,30 +1,49 @@
 """Count fields: the one codec that lets an ordinary sum allreduce count votes exactly.
 
-Each rank spreads its bits (one per coordinate) into fields of ``b = ceil(log2(n + 1))``
-bits; coordinate i is field ``i % F`` of word ``i // F``, at bits ``j*b .. j*b + b - 1``
-of the word's integer value.  A sum of n such words adds every field separately (a
-field's sum is a count 0..n < 2**b, never carrying into the next), so the summed words
-hold the exact per-coordinate counts c.  Two word types:
+Each rank writes its bit (one per coordinate) as a digit of a word: coordinate i is
+field ``i % F`` of word ``i // F``, and the word's integer value is ``sum_j c_j * B**j``
+over its fields j.  A sum of n such words adds every digit separately as long as a digit's
+sum, a count 0..n, stays below the base B (no carry), so the summed words hold the exact
+per-coordinate counts c.  Two families of layouts (``Layout``):
 
-- ``"int64"``: ``F = 63 // b`` fields per int64 word; exact under an integer Sum only
-  (the ``allreduce`` vote schedule; the compressors' ``wire="int64"``);
-- ``"float64"``: ``F = (50 - b) // b`` fields per float64 word, so every word and every
-  sum of n words is an integer below ``2**(50 - b)``: a scaled sum (Average, pre/post
-  scale factors) can be rounded back exactly once the scale is divided out (the
-  compressors' default wire).
+- **binary** (``B = 2**b``, ``b = ceil(log2(n + 1))``): field j occupies bits
+  ``j*b .. j*b + b - 1``.  The ``allreduce`` vote schedule and the compressors'
+  ``wire="int64"`` / ``"float64"`` use these;
+- **radix** (``B = n + 1``): the fewest bits per count, log2(n + 1) instead of
+  ceil(log2(n + 1)) (n = 2: 1.58 instead of 2; n = 8: 3.17 instead of 4).  Built for
+  n < 256 (``layout(n, radix=True)`` gives the binary layout beyond); identical to the
+  binary layout when n + 1 is a power of two.
 
-``encode`` can leave ``header`` words in front for the caller (the compressors' header).
+and two word types:
+
+- ``"int64"``: ``B**F <= 2**63``: ``F = 63 // b`` for binary fields; exact under an
+  integer Sum only;
+- ``"float64"``: ``B**F <= 2**(50 - b)``: ``F = (50 - b) // b`` for binary fields, so
+  every word and every sum of n words is an integer below ``2**(50 - b)``: a scaled sum
+  (Average, pre/post scale factors) can be rounded back exactly once the scale is divided
+  out (the compressors' wires).
+
+``encode`` / ``decode`` (binary, by field bits) and ``encode_layout`` / ``decode_layout``
+(any layout) can leave ``header`` words in front for the caller (the compressors' header).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numba
 import numpy as np
 
-from . import _cpu, _fields
+from . import _fields
 from .bits import check_packed, packed_nbytes
 from .xp import is_cupy
 
 WORDS = ("int64", "float64")
 SAFE_BITS = 50   # float64 words (and their sums) stay below 2**(SAFE_BITS - b)
+RADIX_MAX_N = 255   # radix layouts for n up to this (counts fit a byte)
+_GROUP_LIMIT = 1 << 13   # radix decode: k digits per lookup with base**k <= this
+PARALLEL_WORDS = 1 << 15  # fewer words (or one numba thread): the serial kernels, no
+                          # thread-pool wake-up (milliseconds on busy cores)
 
 
 def field_bits(n: int) -> int:
@@ -40,7 +59,7 @@ def check_word(word):
 
 
 def fields_per_word(b: int, word: str = "int64") -> int:
-    """F: fields of ``b`` bits per word."""
+    """F: fields of ``b`` bits per word (binary layout)."""
     check_word(word)
     f = 63 // b if word == "int64" else (SAFE_BITS - b) // b
     if f < 1:
@@ -53,41 +72,158 @@ def data_words(d: int, b: int, word: str = "int64") -> int:
     return -(-int(d) // fields_per_word(b, word))
 
 
-def encode(packed, d: int, b: int, word: str = "int64", *, header: int = 0):
-    """Packed bits of d coordinates -> ``header`` free words then the field words (int64
-    or float64).  Returns (words, popcount of the bits)."""
-    check_packed(packed, d)
+@dataclass(frozen=True)
+class Layout:
+    """One count-field layout: ``word`` type, digit ``base`` B, ``f`` fields per word;
+    ``b`` is ceil(log2(n + 1)) of the group it was made for (binary: the field width)."""
+
+    word: str
+    base: int
+    f: int
+    b: int
+    radix: bool
+
+    @property
+    def bits_per_coordinate(self) -> float:
+        return 64.0 / self.f
+
+    @property
+    def limit(self) -> int:
+        """Every summed word of n ranks is below this (B**F)."""
+        return self.base ** self.f
+
+    def data_words(self, d: int) -> int:
+        return -(-int(d) // self.f)
+
+    @property
+    def name(self) -> str:
+        return f"{self.word}{'-radix' if self.radix else ''}"
+
+
+@lru_cache(maxsize=None)
+def binary_layout(b: int, word: str = "int64") -> Layout:
+    """The b-bit binary layout (``fields_per_word``)."""
+    return Layout(word, 1 << b, fields_per_word(b, word), b, False)
+
+
+def _radix_f(base: int, b: int, word: str) -> int:
+    cap = 2 ** 63 if word == "int64" else 2 ** (SAFE_BITS - b)
+    f = 0
+    while base ** (f + 1) <= cap:
+        f += 1
+    return f
+
+
+@lru_cache(maxsize=None)
+def layout(n: int, word: str = "int64", radix: bool = False) -> Layout:
+    """The layout for sums of n ranks: binary ``b``-bit fields, or radix ``n + 1``
+    (n <= RADIX_MAX_N; beyond it, and where n + 1 is a power of two, the binary one)."""
     check_word(word)
-    f = fields_per_word(b, word)
-    nwords = data_words(d, b, word)
-    out = np.empty(header + nwords, np.int64 if word == "int64" else np.float64)
-    if word == "float64":
-        pop = int(_fields.encode_fields(packed, d, b, f, _fields.spread(b), out[header:]))
-    else:
-        if d:
-            _cpu.pack_count_fields(packed, d, b, out[header:])
-        pop = int(np.bitwise_count(packed[:packed_nbytes(d)]).sum(dtype=np.int64)) if d else 0
+    b = field_bits(n)
+    if not radix or n > RADIX_MAX_N or (n + 1) & n == 0:
+        try:
+            return binary_layout(b, word)
+        except ValueError:
+            raise ValueError(f"n={n} ranks need {b}-bit count fields; a {word} word holds "
+                             f"at most {SAFE_BITS // 2 - 1 if word == 'float64' else 63}-bit "
+                             "fields (use int64 words)") from None
+    return Layout(word, n + 1, _radix_f(n + 1, b, word), b, True)
+
+
+def _tables(lay: Layout):
+    key = (lay.base, lay.f)
+    t = _TABLES.get(key)
+    if t is None:
+        t = (_fields.digit_table(lay.base), _fields.byte_powers(lay.base, lay.f))
+        _TABLES[key] = t
+    return t
+
+
+_TABLES = {}
+_GROUPS = {}
+
+
+def _group(base: int):
+    g = _GROUPS.get(base)
+    if g is None:
+        k = 1
+        while k < 8 and base ** (k + 1) <= _GROUP_LIMIT:
+            k += 1
+        g = (k, _fields.group_table(base, k))
+        _GROUPS[base] = g
+    return g
+
+
+def _parallel(nwords: int) -> bool:
+    return nwords >= PARALLEL_WORDS and numba.get_num_threads() > 1
+
+
+def encode_layout(packed, d: int, lay: Layout, *, header: int = 0, out=None):
+    """Packed bits of d coordinates -> ``header`` free words then the field words of
+    layout ``lay`` (int64 or float64), in ``out`` if given (that length and dtype).
+    Returns (words, popcount of the bits)."""
+    check_packed(packed, d)
+    nwords = lay.data_words(d)
+    dtype = np.int64 if lay.word == "int64" else np.float64
+    if out is None:
+        out = np.empty(header + nwords, dtype)
+    elif out.shape != (header + nwords,) or out.dtype != dtype:
+        raise ValueError(f"out must be {np.dtype(dtype)} of length {header + nwords}")
+    table, powers = _tables(lay)
+    kernel = _fields.encode_words if _parallel(nwords) else _fields.encode_words_serial
+    pop = int(kernel(packed, int(d), lay.f, table, powers, out[header:])) if d else 0
     return out, pop
+
+
+def decode_layout(words, d: int, lay: Layout, n: int, counts_out, *, inv_scale: float = 1.0):
+    """Summed field words of layout ``lay`` (no header) -> ``counts_out`` (length d).
+    float64 words are multiplied by ``inv_scale`` and rounded.  Returns (largest distance
+    of a scaled float64 word from its integer, total of the counts, number of impossible
+    words: a field above n, a value at or above B**F, bits above the last field, a
+    negative word)."""
+    words = np.ascontiguousarray(words)
+    is_float = words.dtype == np.float64
+    limit = float(lay.limit)
+    vmax = min(lay.limit - 1, 2 ** 63 - 1)
+    d = int(d)
+    par = _parallel(words.shape[0])
+    if lay.radix:
+        k, table = _group(lay.base)
+        out = counts_out if counts_out.dtype == np.uint8 else np.empty(d, np.uint8)
+        kernel = _fields.decode_radix8 if par else _fields.decode_radix8_serial
+        dev, bad = kernel(words, float(inv_scale), is_float, limit, vmax, d, lay.base, lay.f,
+                          k, table, out)
+        tot = _fields.byte_total(out)
+        if out is not counts_out:
+            counts_out[:] = out
+    elif counts_out.dtype == np.uint8 and lay.b <= 7 and _fields.HAVE_PDEP:
+        kernel = _fields.decode_binary8 if par else _fields.decode_binary8_serial
+        dev, bad = kernel(words, float(inv_scale), is_float, limit, vmax, d, lay.b, lay.f,
+                          int(n), counts_out)
+        tot = _fields.byte_total(counts_out)
+    else:
+        dev, tot, bad = _fields.decode_fields_any(words, float(inv_scale), is_float, limit,
+                                                  vmax, d, lay.b, lay.f, int(n), counts_out)
+    return float(dev), int(tot), int(bad)
+
+
+def encode(packed, d: int, b: int, word: str = "int64", *, header: int = 0):
+    """Packed bits of d coordinates -> ``header`` free words then the b-bit binary field
+    words (int64 or float64).  Returns (words, popcount of the bits)."""
+    check_word(word)
+    return encode_layout(packed, d, binary_layout(b, word), header=header)
 
 
 def decode(words, d: int, b: int, n: int, counts_out, word: str = "int64", *,
            inv_scale: float = 1.0):
-    """Summed field words (no header) -> ``counts_out`` (length d).  Returns (largest
-    distance of a scaled float64 word from its integer, total of the counts, number of
-    impossible words: a field above n, bits above the last field, a negative word)."""
+    """Summed b-bit binary field words (no header) -> ``counts_out`` (length d).  Returns
+    (largest distance of a scaled float64 word from its integer, total of the counts,
+    number of impossible words: a field above n, bits above the last field, a negative
+    word)."""
     check_word(word)
-    f = fields_per_word(b, word)
     words = np.ascontiguousarray(words)
-    if word == "float64":
-        return _fields.decode_fields(words, inv_scale, d, b, f, n, counts_out)
-    c = np.empty(d, np.int64)
-    if d:
-        _cpu.unpack_count_fields(words, d, b, c)
-    used = d - (data_words(d, b) - 1) * f if d else 0
-    high = (words[-1] >> (used * b)) if d and used * b < 63 else 0
-    counts_out[:] = c
-    bad = int(((c > n) | (c < 0)).sum()) + int(high != 0) + int((words < 0).sum())
-    return 0.0, int(c.sum()), bad
+    return decode_layout(words, d, binary_layout(b, word), n, counts_out,
+                         inv_scale=inv_scale if word == "float64" else 1.0)
 
 
 def pack_int64(packed, d: int, b: int):
@@ -107,5 +243,10 @@ def unpack_int64(words, d: int, b: int):
         from . import reference
         return reference.unpack_count_fields(words, d, b)
     out = np.empty(d, np.int64)
-    _cpu.unpack_count_fields(np.ascontiguousarray(words), d, b, out)
+    lay = binary_layout(b, "int64")
+    w = np.ascontiguousarray(words[:lay.data_words(d)])
+    if w.dtype != np.int64:
+        w = w.astype(np.int64)
+    _fields.decode_fields_any(w, 1.0, False, 0.0, 2 ** 63 - 1, int(d), b, lay.f,
+                              np.int64((1 << b) - 1) if b < 64 else np.int64(-1), out)
     return out
