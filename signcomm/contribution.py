@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from . import kernels as K
@@ -27,10 +28,32 @@ def safe_r(r):
     return np.where(r == 0, 1.0, r)  # NaN stays NaN (a non-finite bound is an error)
 
 
+@numba.njit(cache=True, nogil=True)
+def _max_abs_bits(u, seg_sizes, mask, out):
+    """out[s] = the largest ``u & mask`` over segment s of u, the float buffer's bit
+    patterns (mask clears the sign bit): |x| orders like its pattern, and NaN patterns
+    lie above Inf's, so one integer max (it vectorises) gives max |v| or a NaN."""
+    start = 0
+    for s in range(seg_sizes.shape[0]):
+        us = u[start:start + seg_sizes[s]]
+        m = mask ^ mask   # 0 of the mask's type
+        for i in range(us.shape[0]):
+            x = us[i] & mask
+            m = x if x > m else m
+        out[s] = m
+        start += seg_sizes[s]
+
+
 def local_max_abs(v, seg_sizes):
     """max |v| of each segment (NaN if the segment has a NaN; 0 for an empty segment)."""
     v = np.asarray(v)
     seg_sizes = np.asarray(seg_sizes, dtype=np.int64)
+    if v.ndim == 1 and v.dtype in (np.float32, np.float64) and seg_sizes.ndim == 1 and \
+            (seg_sizes >= 0).all() and int(seg_sizes.sum()) <= v.shape[0]:
+        ut = np.uint32 if v.dtype == np.float32 else np.uint64
+        bits = np.zeros(seg_sizes.shape[0], ut)
+        _max_abs_bits(v.view(ut), seg_sizes, ut(np.iinfo(ut).max >> 1), bits)
+        return bits.view(v.dtype).astype(np.float64)   # a NaN pattern stays NaN
     out = np.zeros(seg_sizes.shape[0], np.float64)
     nonempty = seg_sizes > 0
     if nonempty.any():

@@ -527,12 +527,28 @@ def vote_s1(g, nbytes, d, key, offset, out):
     return 0
 
 
+# VALUES[v, k] = +1.0 / -1.0 for bit k of the byte v; ONES_OF[v, k] = bit k as 1.0 / 0.0
+VALUES = np.array([[2 * ((v >> k) & 1) - 1 for k in range(8)] for v in range(256)], np.float32)
+ONES_OF = np.array([[(v >> k) & 1 for k in range(8)] for v in range(256)], np.float32)
+
+
 @jit
 def vote_values(bits, nonzero, has_nonzero, d, out):
     """Packed vote bits (1 = +1, 0 = -1) -> out[i] = +1.0 / -1.0, times the bit of the
     packed ``nonzero`` mask when there is one (+-0.0 for a tie under the "zero" rule,
-    the signs torch's decoded floats have).  ``out`` is float32; one pass."""
-    for i in range(d):
+    the signs torch's decoded floats have).  ``out`` is float32; one pass, eight values
+    per byte from a 256-entry table (8 KiB)."""
+    nfull = d >> 3
+    for b in range(nfull):
+        row = VALUES[bits[b]]
+        if has_nonzero:
+            z = ONES_OF[nonzero[b]]
+            for k in range(8):
+                out[8 * b + k] = row[k] * z[k]
+        else:
+            for k in range(8):
+                out[8 * b + k] = row[k]
+    for i in range(8 * nfull, d):
         v = np.float32(2 * ((bits[i >> 3] >> (i & 7)) & 1) - 1)
         if has_nonzero:
             v *= np.float32((nonzero[i >> 3] >> (i & 7)) & 1)
