@@ -19,6 +19,24 @@ Randomness (all counter-based, ``signcomm.kernels.rng``):
   hash of the counts, both read from the allreduce's result, which is the same on every
   rank.  So every rank draws the same bits, whatever order its hooks fired in.
 
+R for S_R (``R=``): ``"common"`` (default) is one bound per tensor that every rank
+derives from the previous step's allreduce result, with no extra collective: each message
+carries the rank's max-|g| exponent in its header (``wire.py``); the summed header gives
+E, the exponent of the max over ranks, and the next step uses R = 2**(E/q) for that
+tensor on every rank (the least power of 2**(1/q) at or above that max; q = 4 for
+n <= 15).  A tensor's first step (and the step after an all-zero one) has no bound yet
+and uses the rank's own max |g| (``"local"``, as R did before), counted in
+``stats["r_first"]``.  Coordinates above the bound are clamped (probability 0 or 1) and
+counted in ``stats["clamped_common"]``.  Tensors are identified across steps by the name
+Horovod allreduces them under (read from the calling DistributedOptimizer or
+``hvd.allreduce``), else by (size, index among same-sized tensors); ranks check in every
+header that they used the same R (``stats["r_mismatch"]`` counts disagreements).
+
+The wire (``wire=``): ``"auto"`` (default) takes the cheapest exact one for each
+allreduce: ``"int64-radix"`` when the caller allreduces with a plain ``op=hvd.Sum`` (read
+from the DistributedOptimizer or ``hvd.allreduce`` frame that calls ``compress``),
+``"float64-radix"`` otherwise (exact under any Sum/Average scaling).
+
 The step: a compressor counts *phases*; its step advances on the first ``compress`` after
 a ``decompress``.  A DistributedOptimizer compresses every gradient of a step (in its
 hooks) before it decompresses any (in ``synchronize``), so the step is the optimizer's
@@ -26,7 +44,9 @@ step; ``hvd.allreduce(t, compression=c)`` is one step per call.
 """
 from __future__ import annotations
 
+import math
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -46,6 +66,10 @@ MAX_MESSAGE_WORDS = 2 ** 31 - 1   # Horovod's MPI path passes element counts as 
 SERIAL_BELOW = 1 << 16   # coordinates: smaller tensors run the kernels on one thread
 CONTRIBUTIONS = ("sign", "sr")
 VOTES = ("sign", "s1")
+R_POLICIES = ("common", "local")
+WIRE_OPTIONS = ("auto",) + W.WIRES
+_HVD_CALLERS = ("_allreduce_grad_async", "_grouped_allreduce_grad_async", "allreduce",
+                "grouped_allreduce", "<listcomp>")
 
 
 def rank_key(seed: int, purpose: K.Purpose, rank: int, step: int, d: int, k: int) -> int:
@@ -114,6 +138,57 @@ def _find_name(tensor, named):
     return None
 
 
+def _caller(depth=2):
+    """(name, plain_sum) of the Horovod allreduce that is calling ``compress``: the
+    tensor's allreduce name (None if unknown or shared by a group) and whether the op is
+    a plain Sum (no pre/postscale; False: Average or scaled; None: not called from a
+    Horovod allreduce we know).  Read from the caller's frame, best effort: the
+    DistributedOptimizer's ``_allreduce_grad_async`` / ``_grouped_allreduce_grad_async``,
+    or ``hvd.allreduce`` / ``hvd.grouped_allreduce``."""
+    try:
+        f = sys._getframe(depth)
+    except ValueError:
+        return None, None
+    for _ in range(4):
+        if f is None:
+            break
+        if f.f_code.co_name in _HVD_CALLERS and \
+                str(f.f_globals.get("__name__", "")).startswith("horovod."):
+            try:
+                return _read_caller(f)
+            except Exception:  # noqa: BLE001 - an unknown Horovod version: no hint
+                return None, None
+        f = f.f_back
+    return None, None
+
+
+def _read_caller(f):
+    from horovod.torch import mpi_ops
+    code, loc = f.f_code.co_name, f.f_locals
+    if code == "<listcomp>":   # the grouped paths compress in a list comprehension
+        parent = f.f_back
+        if parent is None:
+            return None, None
+        p = loc.get("p")
+        code, loc = parent.f_code.co_name, parent.f_locals
+        if code == "_grouped_allreduce_grad_async":
+            self = loc["self"]
+            return self._parameter_names.get(p), self.op == mpi_ops.Sum
+    if code == "_allreduce_grad_async":
+        self = loc["self"]
+        return loc.get("name"), self.op == mpi_ops.Sum
+    if code == "_grouped_allreduce_grad_async":
+        return None, loc["self"].op == mpi_ops.Sum
+    if code in ("allreduce", "grouped_allreduce"):
+        op, average = loc.get("op"), loc.get("average")
+        if op is None:
+            op = mpi_ops.Sum if average is False else mpi_ops.Average
+        plain = (op == mpi_ops.Sum and float(loc.get("prescale_factor", 1.0)) == 1.0 and
+                 float(loc.get("postscale_factor", 1.0)) == 1.0)
+        return (loc.get("name") if code == "allreduce" else None), plain
+    return None, None
+
+
 @dataclass
 class _Context:
     tensor: object            # the gradient given to compress (for error messages)
@@ -126,6 +201,9 @@ class _Context:
     step: int
     k: int
     parts: list
+    wire: str = "float64"
+    key: object = None        # the tensor's identity for the common R
+    r: object = None          # the R this rank's S_R used (None for sign)
     handles: list = field(default_factory=list)
 
 
@@ -137,8 +215,13 @@ class MajorityVoteCompressor:
             the rank's stream, unbiased) or ``"sr"`` (S_R(g), eq. 8, E = g / R).
         vote: ``"sign"`` (o = sign(c - n/2), eq. 10) or ``"s1"`` (o = S_1((2c - n)/n):
             +1 with probability c/n, eq. 11, drawn from randomness all ranks share).
-        R: for ``contribute="sr"``: ``"local"`` (default: this rank's max |g| of the
-            tensor, no extra traffic; biased when ranks' gradients differ in scale, see
+        R: for ``contribute="sr"``: ``"common"`` (default: one bound per tensor, the same
+            on every rank: the least power of 2**(1/4) (2**(1/2) above 15 ranks, 2 above
+            255) at or above the max over ranks of max |g| at the previous step, carried
+            in the message headers; a tensor's first step
+            uses the rank's own max; coordinates above the bound are clamped and counted
+            in ``stats["clamped_common"]``), ``"local"`` (this rank's max |g|: no
+            clamping, but biased when ranks' gradients differ in scale, see
             docs/compressors.md) or a positive number (fixed R; |g| > R is clamped and
             counted in ``stats["clamped"]``).  A tensor that is all zeros has local R = 0
             and sends fair coins (S_R(0) for any R > 0).
@@ -152,8 +235,12 @@ class MajorityVoteCompressor:
         named_parameters: optional (name, parameter) pairs, only to name a tensor in
             error messages (without them the name is looked up in the calling
             DistributedOptimizer).
-        wire: ``"float64"`` (default; exact under Sum, Average and predivide factors) or
-            ``"int64"`` (fewer bits per coordinate; needs op=hvd.Sum).
+        wire: ``"auto"`` (default: ``"int64-radix"`` for an allreduce with a plain
+            op=hvd.Sum, ``"float64-radix"`` otherwise), ``"float64"`` / ``"float64-radix"``
+            (exact under Sum, Average and predivide factors) or ``"int64"`` /
+            ``"int64-radix"`` (fewer bits per coordinate; need op=hvd.Sum).  The radix
+            wires store the counts in base n + 1, the binary ones in ceil(log2(n + 1))
+            bits (docs/compressors.md has the bits per coordinate of each).
         backend: where the bits are made and the vote decoded (``signcomm.backends``):
             ``"auto"`` (numba for CPU tensors, torch ops on the tensor's device for CUDA
             ones: only the packed bits and the wire words cross to the host, never the
@@ -167,12 +254,15 @@ class MajorityVoteCompressor:
         name: prefix of those message names (default "signcomm").
 
     ``stats`` counts, on this rank: tensors, coordinates, messages, wire bytes sent to
-    the allreduce, clamped coordinates (fixed R).
+    the allreduce, clamped coordinates (fixed R: ``clamped``; common R:
+    ``clamped_common``), tensor-steps that used the first-step rule of the common R
+    (``r_first``) and tensor-steps whose ranks did not all use the same R
+    (``r_mismatch``).
     """
 
-    def __init__(self, *, contribute: str = "sign", vote: str = "sign", R="local",
+    def __init__(self, *, contribute: str = "sign", vote: str = "sign", R="common",
                  seed: int = 0, tie: str = "coin", process_set=None, size=None, rank=None,
-                 named_parameters=None, wire: str = "float64",
+                 named_parameters=None, wire: str = "auto",
                  max_message_words: int = MAX_MESSAGE_WORDS, name: str = "signcomm",
                  backend="auto"):
         if contribute not in CONTRIBUTIONS:
@@ -180,20 +270,24 @@ class MajorityVoteCompressor:
         if vote not in VOTES:
             raise ValueError(f"vote must be one of {VOTES}, got {vote!r}")
         self.rule = VoteRule("v2" if vote == "s1" else "v1", tie)
+        what = "R must be 'common', 'local' or a positive number"
         if isinstance(R, str):
-            if R != "local":
-                raise ValueError(f"R must be 'local' or a positive number, got {R!r} (a "
-                                 "shared R needs an extra allreduce per step: use "
-                                 "signcomm.MVSM, which batches it)")
+            if R not in R_POLICIES:
+                raise ValueError(f"{what}, got {R!r} (an R shared within the step needs an "
+                                 "extra allreduce per step: use signcomm.MVSM, which batches "
+                                 "it)")
         else:
+            if isinstance(R, bool):
+                raise ValueError(f"{what}, got {R!r}")
             try:
                 r = float(R)
             except (TypeError, ValueError):
-                raise ValueError(f"R must be 'local' or a positive number, got {R!r}") from None
+                raise ValueError(f"{what}, got {R!r}") from None
             if not (np.isfinite(r) and r > 0):
                 raise ValueError(f"R must be positive and finite, got {R!r}")
             R = r
-        W.check_wire(wire)
+        if wire not in WIRE_OPTIONS:
+            raise ValueError(f"wire must be one of {WIRE_OPTIONS}, got {wire!r}")
         if (size is None) != (rank is None):
             raise ValueError("give both size= and rank=, or neither")
         if size is not None:
@@ -201,7 +295,7 @@ class MajorityVoteCompressor:
                 raise ValueError("give process_set= or size=/rank=, not both")
             if not (int(size) >= 1 and 0 <= int(rank) < int(size)):
                 raise ValueError(f"need size >= 1 and 0 <= rank < size, got {size}, {rank}")
-            W.fields_per_word(int(size), wire)
+            W.fields_per_word(int(size), "float64-radix" if wire == "auto" else wire)
         if int(max_message_words) < W.H + 1:
             raise ValueError(f"max_message_words must be > {W.H} (the header)")
         self.contribute, self.vote, self.R, self.seed, self.tie = (
@@ -211,6 +305,7 @@ class MajorityVoteCompressor:
         self._rank = None if rank is None else int(rank)
         self._named = list(named_parameters) if named_parameters is not None else None
         self.wire = wire
+        self.wire_used = None
         get_backend(backend)  # validates the name
         self.backend = backend
         self.max_message_words = int(max_message_words)
@@ -218,7 +313,11 @@ class MajorityVoteCompressor:
         self._step = -1
         self._phase = "decompress"
         self._k = {}
-        self.stats = dict(tensors=0, coordinates=0, messages=0, wire_bytes=0, clamped=0)
+        self._bounds = {}     # tensor identity -> (E, n): its next common R is W.bound(E, n)
+        self._warned = False
+        self._pool = {}       # (what, length, dtype) -> buffers to reuse once nothing holds them
+        self.stats = dict(tensors=0, coordinates=0, messages=0, wire_bytes=0, clamped=0,
+                          clamped_common=0, r_first=0, r_mismatch=0)
 
     def __repr__(self):
         opts = f"contribute={self.contribute!r}, vote={self.vote!r}"
@@ -234,6 +333,16 @@ class MajorityVoteCompressor:
     def step(self) -> int:
         """The current step (-1 before the first compress)."""
         return self._step
+
+    @property
+    def common(self) -> bool:
+        """True when S_R uses the common R (``R="common"`` and ``contribute="sr"``)."""
+        return self.contribute == "sr" and self.R == "common"
+
+    def bounds(self) -> dict:
+        """The common R each known tensor gets at its next step: {identity: R}, where the
+        identity is ``("name", allreduce name, size)`` or ``("index", size, k)``."""
+        return {key: W.bound(e, n) for key, (e, n) in self._bounds.items()}
 
     # -- group --------------------------------------------------------------------------
     def group(self):
@@ -251,6 +360,24 @@ class MajorityVoteCompressor:
                                f"the compressor's process set {ps}")
         return ps.size(), ps.rank()
 
+    def _wire_for(self, plain_sum) -> str:
+        if self.wire != "auto":
+            return self.wire
+        return "int64-radix" if plain_sum else "float64-radix"
+
+    def _buffer(self, what, length, dtype):
+        """A NumPy buffer to write into: one of this compressor's earlier ones that no
+        tensor references any more (the caller dropped the gradient, Horovod the wire
+        tensor), else a new one kept for later.  Fresh memory costs a page fault per 4
+        KiB on first touch, a sizeable part of the codec's time at 25M coordinates."""
+        pool = self._pool.setdefault((what, int(length), np.dtype(dtype).str), [])
+        for buf in pool:
+            if sys.getrefcount(buf) <= 3:   # the pool, ``buf`` and getrefcount's argument
+                return buf
+        buf = np.empty(int(length), dtype)
+        pool.append(buf)
+        return buf
+
     # -- the interface ------------------------------------------------------------------
     def compress(self, tensor):
         """Gradient -> (wire tensor of count fields, ctx).  Integer tensors pass through."""
@@ -262,19 +389,27 @@ class MajorityVoteCompressor:
             self._k.clear()
         n, rank = self.group()
         step = self._step
+        name, plain_sum = _caller() if self._size is None else (None, None)
+        wire = self._wire_for(plain_sum)
         x = _flat(tensor)
         d = int(x.shape[0])
         k = self._k.get(d, 0)
         self._k[d] = k + 1
+        key = ("name", name, d) if name is not None else ("index", d, k)
         with _threads_for(d):
-            packed, nonfinite = self._bits(x, rank, step, d, k)
+            packed, nonfinite, r, r_code, exponent = self._bits(x, n, rank, step, d, k, key,
+                                                                wire)
         nonce = rank_key(self.seed, K.Purpose.ZERO_COIN, rank, step, d, k + (1 << 40)) >> (
             64 - W.NONCE_BITS)
-        parts = W.split(d, n, self.wire, self.max_message_words)
+        parts = W.split(d, n, wire, self.max_message_words)
         msgs = [W.encode(packed, o, m, n, rank, step=step, nonfinite=nonfinite, nonce=nonce,
-                         wire=self.wire)[0] for o, m in parts]
+                         wire=wire, exponent=exponent, r_code=r_code,
+                         out=self._buffer("wire", W.message_words(m, n, wire),
+                                          W.message_dtype(wire)))[0]
+                for o, m in parts]
         ctx = _Context(tensor, tuple(tensor.shape), tensor.dtype, tensor.device, d, n, rank,
-                       step, k, parts)
+                       step, k, parts, wire, key, r)
+        self.wire_used = wire
         if len(msgs) > 1:
             if self._size is not None:
                 raise ValueError(f"{type(self).__name__}: {d} coordinates need {len(msgs)} "
@@ -293,38 +428,58 @@ class MajorityVoteCompressor:
         st["wire_bytes"] += sum(m.nbytes for m in msgs)
         return torch.from_numpy(msgs[0]).to(tensor.device), ctx
 
-    def _bits(self, x, rank, step, d, k):
-        """This rank's packed bits (NumPy) and its NaN/Inf count (bits are zeros when > 0).
-        ``x`` is the flat gradient on its device; the backend makes the bits there."""
+    def _r_for(self, key, local_max, n, wire):
+        """(R as an RPolicy resolves it, r_code for the header, which stats key counts
+        its clamps) for a tensor whose local max |g| is ``local_max``."""
+        if self.R == "common":
+            e, bn = self._bounds.get(key, (None, n))
+            if e is None or bn != n:   # a tensor's first step: its own max (docs/compressors.md)
+                self.stats["r_first"] += 1
+                return RPolicy("local").resolve(np.array([local_max]))[0], 0, None
+            return (RPolicy(W.bound(e, n)).resolve(np.array([local_max]))[0],
+                    1 + e - W.exponent_range(n, wire)[0], "clamped_common")
+        r = RPolicy(self.R).resolve(np.array([local_max]))[0]   # "local": R = 0 -> 1
+        return r, 0, (None if self.R == "local" else "clamped")
+
+    def _bits(self, x, n, rank, step, d, k, key, wire):
+        """This rank's packed bits (NumPy), its NaN/Inf count (bits are zeros when > 0),
+        the R it used, the R code and max-|g| exponent for the header.  ``x`` is the flat
+        gradient on its device; the backend makes the bits there."""
         backend = get_backend(self.backend, x.device)
+        zeros = np.zeros(K.packed_nbytes(d), np.uint8)
         if self.contribute == "sign":
-            key = rank_key(self.seed, K.Purpose.ZERO_COIN, rank, step, d, k)
-        else:
-            key = rank_key(self.seed, K.Purpose.STOCHASTIC_SIGN, rank, step, d, k)
-        if backend.name == "numba":  # the finite check is fused into the kernels
+            key_rng = rank_key(self.seed, K.Purpose.ZERO_COIN, rank, step, d, k)
+            if backend.name == "numba":   # the finite check is fused into the kernel
+                v = x.numpy()
+                try:
+                    return K.pack_signs(v, zero_key=key_rng), 0, None, 0, None
+                except K.NonFiniteError:
+                    return zeros, max(1, _count_nonfinite(v)), None, 0, None
+            nonfinite = int((~torch.isfinite(x)).sum()) if d else 0
+            if nonfinite:
+                return zeros, nonfinite, None, 0, None
+            return backend.host(backend.sign_pack(x, key_rng, 0)), 0, None, 0, None
+        key_rng = rank_key(self.seed, K.Purpose.STOCHASTIC_SIGN, rank, step, d, k)
+        if backend.name == "numba":
             v = x.numpy()
-            try:
-                if self.contribute == "sign":
-                    return K.pack_signs(v, zero_key=key), 0
-                r = RPolicy(self.R).resolve(local_max_abs(v, [d]))  # local: R = 0 -> 1
-                if not np.all(np.isfinite(r)):
-                    raise K.NonFiniteError("local R")
-                packed, clamped = K.stochastic_sign_pack(v, r, key)
-                self.stats["clamped"] += clamped
-                return packed, 0
-            except K.NonFiniteError:
-                return np.zeros(K.packed_nbytes(d), np.uint8), max(1, _count_nonfinite(v))
-        nonfinite = int((~torch.isfinite(x)).sum()) if d else 0
-        if nonfinite:
-            return np.zeros(K.packed_nbytes(d), np.uint8), nonfinite
-        if self.contribute == "sign":
-            packed = backend.sign_pack(x, key, 0)
+            local = float(local_max_abs(v, [d])[0])   # NaN if v has a NaN
         else:
-            local = np.array([float(x.abs().max()) if d else 0.0])
-            r = RPolicy(self.R).resolve(local)
-            packed, clamped = backend.sr_pack(x, r, np.array([d], np.int64), key, 0)
-            self.stats["clamped"] += clamped
-        return backend.host(packed), 0   # only the packed bits leave the device
+            local = float(x.abs().max()) if d else 0.0
+        if not math.isfinite(local):
+            count = _count_nonfinite(x.numpy()) if backend.name == "numba" else \
+                int((~torch.isfinite(x)).sum())
+            return zeros, max(1, count), None, 0, None
+        r, r_code, counter = self._r_for(key, local, n, wire)
+        if backend.name == "numba":
+            packed, clamped = K.stochastic_sign_pack(v, r, key_rng)
+        else:
+            packed, clamped = backend.sr_pack(x, np.array([r]), np.array([d], np.int64),
+                                              key_rng, 0)
+            packed = backend.host(packed)   # only the packed bits leave the device
+        if counter is not None:
+            self.stats[counter] += int(clamped)
+        exponent = W.max_exponent(local, n) if self.common else None
+        return packed, 0, float(r), r_code, exponent
 
     def decompress(self, tensor, ctx):
         """Summed wire tensor -> the vote, +1/-1 (0: tie under "zero") in the gradient's
@@ -338,12 +493,12 @@ class MajorityVoteCompressor:
             hvd = _hvd()
             outputs += [hvd.synchronize(h) for h in ctx.handles]
         n, d = ctx.n, ctx.d
-        counts = np.empty(d, W.count_dtype(n))
+        counts = self._buffer("counts", d, W.count_dtype(n))   # scratch, free again below
         describe = lambda: self._describe(ctx)  # noqa: E731  (only built on errors)
         first = None
         for (o, m), out in zip(ctx.parts, outputs):
             dec = W.decode(out.detach().cpu().numpy(), m, n, ctx.rank, counts[o:o + m],
-                           wire=self.wire, describe=describe)
+                           wire=ctx.wire, describe=describe)
             if first is None:
                 first = dec
             elif (dec["nonce"], dec["step"]) != (first["nonce"], first["step"]):
@@ -352,6 +507,20 @@ class MajorityVoteCompressor:
                     "another tensor's message on some rank (tensors of the same size "
                     "compressed in different orders on different ranks and too large for "
                     "one message: give each a distinct size or raise max_message_words)")
+        if self.common:
+            if first.exponent is None:   # all zeros on every rank: no bound yet
+                self._bounds.pop(ctx.key, None)
+            else:
+                self._bounds[ctx.key] = (first.exponent, n)
+        if not first.r_agree:
+            self.stats["r_mismatch"] += 1
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"{describe()}: the ranks did not all use the same R for S_R "
+                              "(different R options, or a tensor that is identified "
+                              "differently on some rank: see docs/compressors.md, 'R for "
+                              "S_R'); counted in stats['r_mismatch']", RuntimeWarning,
+                              stacklevel=2)
         key = 0
         if self.rule.variant == "v2" or (self.rule.tie == "coin" and n % 2 == 0):
             key = shared_key(self.seed, self.rule.shared_purpose(), first["step"], d, counts)
@@ -359,7 +528,8 @@ class MajorityVoteCompressor:
             vote = K.vote_from_counts(counts, n, rule=self.rule, key=key)
             backend = get_backend(self.backend, ctx.device)
             if backend.name == "numba":
-                result = torch.from_numpy(K.vote_values(vote, d))
+                result = torch.from_numpy(K.vote_values(vote, d, out=self._buffer(
+                    "values", d, np.float32)))
             else:  # decode on the tensor's device from the packed bits (d / 8 bytes)
                 nz = vote.nonzero
                 result = backend.values(K.Vote(torch.from_numpy(vote.bits).to(ctx.device),
@@ -385,24 +555,28 @@ class SignCompressor(MajorityVoteCompressor):
 
 
 class SRCompressor(MajorityVoteCompressor):
-    """Each rank sends S_R(g) (eq. 8); the result is sign of the mean (MVSM-v1's and
-    Sto-signSGD's aggregation, eq. 10)."""
+    """Each rank sends S_R(g) (eq. 8) of its raw gradient with the common R; the result
+    is the sign of the mean (eq. 10): Sto-signSGD's aggregation (with a momentum in the
+    user's optimizer it acts after the vote: this is not MVSM, docs/compressors.md)."""
 
-    def __init__(self, *, R="local", seed: int = 0, tie: str = "coin", **options):
+    def __init__(self, *, R="common", seed: int = 0, tie: str = "coin", **options):
         super().__init__(contribute="sr", vote="sign", R=R, seed=seed, tie=tie, **options)
 
 
 class S1Compressor(MajorityVoteCompressor):
-    """Each rank sends S_R(g); the result is S_1 of the mean (MVSM-v2, eq. 11): +1 with
-    probability c/n, the same draw on every rank."""
+    """Each rank sends S_R(g) of its raw gradient with the common R; the result is S_1 of
+    the mean (eq. 11): +1 with probability c/n, the same draw on every rank, so
+    E[o] = mean(g) / R.  The aggregation MVSM-v2 applies to momenta, here applied to raw
+    gradients (docs/compressors.md)."""
 
-    def __init__(self, *, R="local", seed: int = 0, **options):
+    def __init__(self, *, R="common", seed: int = 0, **options):
         super().__init__(contribute="sr", vote="s1", R=R, seed=seed, **options)
 
 
 class Compression:
     """Ready-made compressors, like ``hvd.Compression``: default options, one instance
-    each (a step counter per instance; build your own for other options)."""
+    each (a step counter and the common R's bounds per instance; build your own for
+    other options)."""
 
     sign = SignCompressor()
     sr = SRCompressor()

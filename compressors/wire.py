@@ -1,25 +1,34 @@
 """The compressors' wire format: count fields that any Sum or Average allreduce adds exactly.
 
 Each rank turns its d one-bit contributions (kernels' bit convention) into one or more
-*messages*.  A message is a 1-D array of ``HEADER`` words followed by ``ceil(m / F)``
-data words for the message's m coordinates; coordinate i of the message is field
-``i % F`` of data word ``i // F``, a field of ``b = ceil(log2(n + 1))`` bits that holds
-this rank's bit.  Summing the messages of the n ranks sums every field separately
-(a field's sum is a count 0..n < 2**b, so it never carries into the next field): the
-summed data words hold the per-coordinate counts c, exactly.
+*messages*.  A message is a 1-D array of header words followed by ``ceil(m / F)`` data
+words for the message's m coordinates; coordinate i of the message is digit ``i % F``
+of data word ``i // F`` (``signcomm.kernels.fields``), a digit that holds this rank's bit.
+Summing the messages of the n ranks sums every digit separately (a digit's sum is a count
+0..n, below the base, so it never carries into the next one): the summed data words hold
+the per-coordinate counts c, exactly.
 
-Two wires:
+Four wires (``WIRES``), two word types times two digit layouts:
 
-- ``"float64"`` (default): ``F = (50 - b) // b`` fields per float64 word, so every word and
-  every sum of n words is an integer below ``2**(50 - b)``.  An allreduce that scales
-  (``op=Average`` divides by n; ``gradient_predivide_factor`` multiplies by 1/f before
-  and f after) keeps the sum within a relative error of about (2n + 3) * 2**-53 of the
-  scaled exact sum, i.e. less than 1/4 of a unit after the scale is divided out, so
-  rounding recovers the integers exactly.  The scale is *measured*: header word 0 is 1
-  on every rank, so after the allreduce it is ``n * scale``.
-- ``"int64"``: ``F = 63 // b`` fields per int64 word (the kernels' ``pack_count_fields``
-  layout, fewer bits on the wire); an integer average would floor away the counts, so
-  this wire needs ``op=hvd.Sum`` and says so if the scale it measures is not 1.
+- ``"float64"``: binary fields of ``b = ceil(log2(n + 1))`` bits, ``F = (50 - b) // b`` per
+  float64 word, so every word and every sum of n words is an integer below
+  ``2**(50 - b)``.  An allreduce that scales (``op=Average`` divides by n;
+  ``gradient_predivide_factor`` multiplies by 1/f before and f after) keeps the sum within
+  a relative error of about (2n + 3) * 2**-53 of the scaled exact sum, i.e. less than 1/4
+  of a unit after the scale is divided out, so rounding recovers the integers exactly.
+  The scale is *measured*: header word 0 is 1 on every rank, so after the allreduce it is
+  ``n * scale``.
+- ``"int64"``: ``F = 63 // b`` binary fields per int64 word (the kernels'
+  ``pack_count_fields`` layout); an integer average would floor away the counts, so this
+  wire needs ``op=hvd.Sum`` and says so if the scale it measures is not 1.
+- ``"float64-radix"`` / ``"int64-radix"``: the same words with digits in base n + 1
+  instead of 2**b (``fields.layout(n, radix=True)``): log2(n + 1) bits per coordinate
+  instead of ceil(log2(n + 1)), e.g. 1.64 instead of 2.06 at n = 2 and 3.37 instead of
+  4.27 at n = 8 on int64 words.  Same exactness rules (float64: every summed word below
+  ``2**(50 - b)``; int64: op=Sum).  For n + 1 a power of two they are the binary layouts.
+
+The compressors' ``wire="auto"`` picks the cheapest exact one for the op of each
+allreduce (``int64-radix`` for a plain Sum, ``float64-radix`` otherwise; see core.py).
 
 Header words (rank j contributes; the allreduce sums them):
 
@@ -37,6 +46,20 @@ Header words (rank j contributes; the allreduce sums them):
  9    ``bad_ranks``   1 if the rank's tensor has NaN/Inf
 10    ``nonce``       20 bits from the rank's stream; all messages of one tensor carry
                       the same value, so a mis-paired message is detected
+11    ``r_code``      which R this rank's S_R used: 0 (no shared bound: sign, local R,
+                      a fixed R, the first step of a tensor) or 1 + e - lo for the
+                      common bound 2**(e/q) (``bound``; lo of ``exponent_range``) ...
+12    ``r_code_sq``   ... and its square: n * sum(r**2) == sum(r)**2 iff every rank
+                      used the same
+13..  exponent        the rank's e = ``max_exponent(max |g|)``, the least e with
+                      2**(e/q) >= max |g| (q = 4 for n <= 15, 2 for n <= 255, else 1),
+                      for the common R of the next step (nothing for an all-zero
+                      tensor, and for the contributions that do not need it): on
+                      float64 wires one word, ``2**(b * e)`` (the sum lies in
+                      [2**(bE), n 2**(bE)] with E the max over ranks, so
+                      E = floor(log2(sum) / b)); on int64 wires a one-hot histogram
+                      of e over ``exponent_range`` in the wire's own digit layout
+                      (the highest non-zero bin of the sum is E)
 ====  ==============  =========================================================
 
 If every rank passes both size checks, then mean(q) = q and mean(q**2) = q**2 over the
@@ -45,7 +68,9 @@ differ by a multiple of 2**16 give different word counts, which Horovod itself r
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -55,14 +80,24 @@ from signcomm.kernels import _fields, fields as codec
 from signcomm.kernels.rng import MASK64, splitmix64
 
 HEADER = ("one", "rank", "rank_sq", "size_mod", "size_mod_sq", "size", "popcount", "step",
-          "nonfinite", "bad_ranks", "nonce")
-H = len(HEADER)
+          "nonfinite", "bad_ranks", "nonce", "r_code", "r_code_sq")
+NAMED = len(HEADER)
 _IDX = {name: i for i, name in enumerate(HEADER)}
-WIRES = ("float64", "int64")
+H = NAMED + 1           # header words of the float64 wires (the named words + the exponent)
+WIRES = ("float64", "int64", "float64-radix", "int64-radix")
 SAFE_BITS = codec.SAFE_BITS
 SIZE_MOD = 1 << 16
 MAX_DEV = 0.25          # a scaled word further than this from an integer is not exact
 NONCE_BITS = 20
+EXP_MIN, EXP_MAX = -150, 128    # octaves of a max |g| the header can carry (fp32: -149..128)
+_EXP_SPAN = 1000        # float64 wires: b * e stays within +-1000 (normal, with room to scale)
+_EXP_SLACK = 2.0 ** -27  # floor((log2(sum) + slack) / b): below the gap log2((n+1)/n) >= 2**-24
+# 2**(r / q) for r < q, correctly rounded (the bound 2**(e / q) is ldexp(ROOTS[q][e % q], e // q))
+_ROOTS8 = tuple(float.fromhex(h) for h in (
+    "0x1.0000000000000p+0", "0x1.172b83c7d517bp+0", "0x1.306fe0a31b715p+0",
+    "0x1.4bfdad5362a27p+0", "0x1.6a09e667f3bcdp+0", "0x1.8ace5422aa0dbp+0",
+    "0x1.ae89f995ad3adp+0", "0x1.d5818dcfba487p+0"))
+ROOTS = {1: _ROOTS8[:1], 2: _ROOTS8[::4], 4: _ROOTS8[::2], 8: _ROOTS8}
 
 
 class WireError(RuntimeError):
@@ -80,15 +115,30 @@ def field_bits(n: int) -> int:
     return codec.field_bits(n)
 
 
-def fields_per_word(n: int, wire: str = "float64") -> int:
-    """F: coordinates per wire word for n ranks (the codec's, ``signcomm.kernels.fields``)."""
+def check_wire(wire):
+    if wire not in WIRES:
+        raise ValueError(f"wire must be one of {WIRES}, got {wire!r}")
+
+
+def is_float(wire: str) -> bool:
+    return wire.startswith("float64")
+
+
+@lru_cache(maxsize=None)
+def layout(n: int, wire: str = "float64") -> codec.Layout:
+    """The digit layout of ``wire`` for n ranks (``signcomm.kernels.fields``)."""
     check_wire(wire)
     try:
-        return codec.fields_per_word(field_bits(n), wire)
+        return codec.layout(n, "float64" if is_float(wire) else "int64", wire.endswith("-radix"))
     except ValueError:
-        raise ValueError(f"n={n} ranks need {field_bits(n)}-bit count fields; the float64 wire "
-                         f"holds at most {SAFE_BITS // 2 - 1}-bit fields (use wire='int64' with "
+        raise ValueError(f"n={n} ranks need {field_bits(n)}-bit count fields; the float64 wires "
+                         f"hold at most {SAFE_BITS // 2 - 1}-bit fields (use wire='int64' with "
                          "op=Sum)") from None
+
+
+def fields_per_word(n: int, wire: str = "float64") -> int:
+    """F: coordinates per wire word for n ranks."""
+    return layout(n, wire).f
 
 
 def bits_per_coordinate(n: int, wire: str = "float64") -> float:
@@ -96,14 +146,61 @@ def bits_per_coordinate(n: int, wire: str = "float64") -> float:
     return 64.0 / fields_per_word(n, wire)
 
 
+def exponent_unit(n: int) -> int:
+    """q: the common R is a power of 2**(1/q): q = 8 for n <= 7, 4 for n <= 15, 2 for
+    n <= 255, 1 beyond (the float64 exponent word holds 2**(b e) with |b e| <= 1000, so
+    finer steps leave a narrower range: at least +-41 octaves, see ``exponent_range``)."""
+    b = field_bits(n)
+    return 8 if b <= 3 else 4 if b <= 4 else 2 if b <= 8 else 1
+
+
+@lru_cache(maxsize=None)
+def exponent_range(n: int, wire: str = "float64"):
+    """(lowest, highest) exponent e, in steps of 1/q octave (``exponent_unit``), of a
+    bound 2**(e/q) the header carries for n ranks: the octaves [EXP_MIN, EXP_MAX],
+    narrowed so that sums of ``2**(b e)`` stay normal floats: -41.6 .. +41.5 octaves
+    (3e-13 .. 3e12) for n = 4..7, +-31 for 8..15, +-62 for n = 2, 3, and 16..31."""
+    b, q = field_bits(n), exponent_unit(n)
+    return max(EXP_MIN * q, -(_EXP_SPAN // b)), min(EXP_MAX * q, _EXP_SPAN // b - 1)
+
+
+def bound(e: int, n: int) -> float:
+    """The common R of exponent e for n ranks: 2**(e / q), exactly the same float on
+    every machine (a correctly rounded root times a power of two)."""
+    q = exponent_unit(n)
+    return math.ldexp(ROOTS[q][e % q], e // q)
+
+
+def max_exponent(m: float, n: int):
+    """e: the least exponent with ``bound(e, n) >= m`` for a finite m > 0, else None."""
+    if not (m > 0 and math.isfinite(m)):
+        return None
+    q = exponent_unit(n)
+    e = math.ceil(q * math.log2(m))
+    while bound(e, n) < m:
+        e += 1
+    while bound(e - 1, n) >= m:
+        e -= 1
+    return e
+
+
+@lru_cache(maxsize=None)
+def header_words(n: int, wire: str = "float64") -> int:
+    """Header words of one message: the named words, then the exponent (one word on
+    float64 wires, a histogram of ``exponent_range`` bins on int64 wires)."""
+    if is_float(wire):
+        return H
+    lo, hi = exponent_range(n, wire)
+    return NAMED + layout(n, wire).data_words(hi - lo + 1)
+
+
 def data_words(d: int, n: int, wire: str = "float64") -> int:
-    f = fields_per_word(n, wire)
-    return -(-int(d) // f)
+    return layout(n, wire).data_words(d)
 
 
 def message_words(d: int, n: int, wire: str = "float64") -> int:
     """Words of one message that carries d coordinates."""
-    return H + data_words(d, n, wire)
+    return header_words(n, wire) + data_words(d, n, wire)
 
 
 def split(d: int, n: int, wire: str, max_words: int):
@@ -111,10 +208,11 @@ def split(d: int, n: int, wire: str, max_words: int):
     ``max_words`` words (header included) and each but the last a multiple of 8
     coordinates long.  d = 0 still makes one (header-only) message."""
     f = fields_per_word(n, wire)
-    per = (int(max_words) - H) * f // 8 * 8   # whole bytes of the packed bits
+    hw = header_words(n, wire)
+    per = (int(max_words) - hw) * f // 8 * 8   # whole bytes of the packed bits
     if per < 8:
         raise ValueError(f"max_message_words={max_words} leaves no room for 8 coordinates "
-                         f"after the {H}-word header")
+                         f"after the {hw}-word header")
     if d == 0:
         return [(0, 0)]
     return [(o, min(per, d - o)) for o in range(0, d, per)]
@@ -150,36 +248,52 @@ def counts_hash(counts) -> int:
     return splitmix64((h & MASK64) ^ nbytes)
 
 
-def check_wire(wire):
-    if wire not in WIRES:
-        raise ValueError(f"wire must be one of {WIRES}, got {wire!r}")
+def message_dtype(wire: str):
+    return np.float64 if is_float(wire) else np.int64
 
 
 def encode(packed, offset: int, m: int, n: int, rank: int, *, step: int, nonfinite: int,
-           nonce: int, wire: str = "float64"):
+           nonce: int, wire: str = "float64", exponent=None, r_code: int = 0, out=None):
     """This rank's message for coordinates ``offset .. offset + m - 1`` of ``packed`` (one
-    bit per coordinate of the whole tensor).  Returns (words, popcount)."""
+    bit per coordinate of the whole tensor).  ``exponent``: this rank's e of
+    ``max_exponent`` (None: none to report; clipped to ``exponent_range``);
+    ``r_code``: the R it used (header word 11).  ``out``: the message buffer
+    (``message_words`` long, ``message_dtype``), else a new one.  Returns (words,
+    popcount)."""
     check_wire(wire)
-    b = field_bits(n)
-    fields_per_word(n, wire)  # the wire's clear error when n needs too wide fields
+    lay = layout(n, wire)
+    hw = header_words(n, wire)
     if offset % 8:
         raise ValueError("message offsets must be multiples of 8 coordinates")
     part = packed[offset // 8: offset // 8 + K.packed_nbytes(m)]
     if m % 8:
         part = K.clear_padding(part.copy(), m)
-    out, pop = codec.encode(part, m, b, wire, header=H)
+    out, pop = codec.encode_layout(part, m, lay, header=hw, out=out)
     q = m % SIZE_MOD
-    out[:H] = (1, rank, rank * rank, q, q * q, m, pop, step, nonfinite, int(nonfinite > 0),
-               nonce)
+    out[:NAMED] = (1, rank, rank * rank, q, q * q, m, pop, step, nonfinite, int(nonfinite > 0),
+                   nonce, r_code, r_code * r_code)
+    lo, hi = exponent_range(n, wire)
+    e = None if exponent is None else min(hi, max(lo, int(exponent)))
+    if is_float(wire):
+        out[NAMED] = 0.0 if e is None else math.ldexp(1.0, lay.b * e)
+    else:
+        bins = np.zeros(K.packed_nbytes(hi - lo + 1), np.uint8)
+        if e is not None:
+            bins[(e - lo) >> 3] = 1 << ((e - lo) & 7)
+        out[NAMED:hw] = codec.encode_layout(bins, hi - lo + 1, lay)[0]
     return out, pop
 
 
 @dataclass
 class Decoded:
-    """What one summed message says: header sums (exact integers) and the scale."""
+    """What one summed message says: header sums (exact integers), the scale, the max
+    over ranks of their max-|g| exponents (None if every rank's tensor was all zeros or
+    reported none) and whether every rank used the same R."""
 
     sums: dict
     scale: float
+    exponent: object = None
+    r_agree: bool = True
 
     def __getitem__(self, name):
         return self.sums[name]
@@ -189,47 +303,73 @@ def _describe(describe):
     return describe() if callable(describe) else str(describe)
 
 
+def _exponent(words, n, wire, inv_scale, describe):
+    """The max exponent E from the summed exponent region, or None."""
+    lo, hi = exponent_range(n, wire)
+    lay = layout(n, wire)
+    if is_float(wire):
+        s = float(words[NAMED]) * inv_scale
+        if not s > 0:
+            return None
+        e = math.floor((math.log2(s) + _EXP_SLACK) / lay.b)
+        if not lo <= e <= hi:
+            raise WireError(f"{_describe(describe)}: the summed exponent word {s!r} is not a "
+                            f"sum of at most {n} powers 2**({lay.b} e), {lo} <= e <= {hi}")
+        return e
+    nb = hi - lo + 1
+    hist = np.empty(nb, count_dtype(n))
+    _, total, bad = codec.decode_layout(words[NAMED:header_words(n, wire)], nb, lay, n, hist)
+    if bad or total > n:
+        raise WireError(f"{_describe(describe)}: the summed exponent histogram is not one of "
+                        f"at most {n} ranks")
+    nz = np.flatnonzero(hist)
+    return int(lo + nz[-1]) if nz.size else None
+
+
 def decode(words, m: int, n: int, rank: int, counts_out, *, wire: str = "float64",
            describe="a tensor"):
     """Decode one summed message into ``counts_out`` (length m) and return its header
     sums.  Checks, in order, each raising the same error on every rank: the scale is
     one an exact decode can undo (``WireError``); each of ranks 0..n-1 contributed once
-    (``RankMismatchError``: the header is integral and its rank checksums match); every rank sent the same number of coordinates
-    (``RankMismatchError``); no rank had NaN/Inf (``NonFiniteGradientError``); the data
-    words are exact counts of n ranks whose total is the popcount sum (``WireError``).
-    ``describe`` (a string or a callable returning one) names the tensor in messages."""
+    (``RankMismatchError``: the header is integral and its rank checksums match); every
+    rank sent the same number of coordinates (``RankMismatchError``); no rank had NaN/Inf
+    (``NonFiniteGradientError``); the data words are exact counts of n ranks whose total
+    is the popcount sum (``WireError``).  ``describe`` (a string or a callable returning
+    one) names the tensor in messages."""
     check_wire(wire)
     words = np.ascontiguousarray(words)
-    b = field_bits(n)
-    f = fields_per_word(n, wire)
-    nwords = -(-m // f)
-    if words.ndim != 1 or words.shape[0] != H + nwords:
+    lay = layout(n, wire)
+    hw = header_words(n, wire)
+    nwords = lay.data_words(m)
+    if words.ndim != 1 or words.shape[0] != hw + nwords:
         raise RankMismatchError(
             f"{_describe(describe)}: the summed message has {words.shape[0]} words, this "
-            f"rank expects {H + nwords} for {m} coordinates (different sizes on different ranks?)")
+            f"rank expects {hw + nwords} for {m} coordinates (different sizes on different ranks?)")
     z0 = float(words[0])
     if not (np.isfinite(z0) and z0 > 0):
         raise WireError(
             f"{_describe(describe)}: header word 0 summed to {z0!r}, not a positive scale "
             "of n: signcomm compressors need an allreduce with op=hvd.Sum or hvd.Average "
             "(pre/postscale factors are fine)")
-    if wire == "int64":
+    if not is_float(wire):
         if words.dtype != np.int64:
-            raise WireError(f"{_describe(describe)}: int64 wire came back as {words.dtype}")
+            raise WireError(f"{_describe(describe)}: {wire} wire came back as {words.dtype}")
         if int(words[0]) != n:
             raise WireError(
-                f"{_describe(describe)}: the int64 wire needs op=hvd.Sum without scaling "
+                f"{_describe(describe)}: the {wire} wire needs op=hvd.Sum without scaling "
                 f"(header word 0 summed to {int(words[0])}, expected n={n}); use the "
-                "float64 wire (the default) with op=hvd.Average or a predivide factor")
+                "float64 wires (wire='auto' picks them) with op=hvd.Average or a predivide "
+                "factor")
         sums = {name: int(words[i]) for i, name in enumerate(HEADER)}
         scale = 1.0
+        inv_scale = 1.0
     else:
         inv_scale = n / z0
-        if not np.all(np.isfinite(words[:H])):
+        if not np.all(np.isfinite(words[:hw])):
             raise WireError(f"{_describe(describe)}: the summed header has NaN/Inf "
-                            f"({words[:H].tolist()}): was the wire tensor modified on its "
+                            f"({words[:hw].tolist()}): was the wire tensor modified on its "
                             "way (another compression, an fp16 cast)?")
-        scaled = words[:H].astype(np.float64) * inv_scale
+        scaled = words[:NAMED].astype(np.float64) * inv_scale
         ints = np.rint(scaled)
         if not np.all(np.abs(scaled - ints) <= MAX_DEV):
             # A header that is not integral under the measured scale: word 0 did not
@@ -258,12 +398,14 @@ def decode(words, m: int, n: int, rank: int, counts_out, *, wire: str = "float64
         raise NonFiniteGradientError(
             f"{_describe(describe)}: NaN/Inf in the gradient on {sums['bad_ranks']} of {n} "
             f"ranks ({sums['nonfinite']} values in all); nothing was applied")
-    max_dev, total, bad = codec.decode(words[H:], m, b, n, counts_out, wire,
-                                       inv_scale=inv_scale if wire == "float64" else 1.0)
+    max_dev, total, bad = codec.decode_layout(words[hw:], m, lay, n, counts_out,
+                                              inv_scale=inv_scale)
     if not max_dev <= MAX_DEV or bad or int(total) != sums["popcount"]:
         raise WireError(
             f"{_describe(describe)}: the summed data words are not exact counts of {n} "
             f"ranks (largest rounding error {max_dev:.3g}, {bad} impossible words, total "
             f"{int(total)} vs popcount sum {sums['popcount']}): was the wire tensor "
             "modified on its way (another compression, an fp16 cast)?")
-    return Decoded(sums, scale)
+    exponent = _exponent(words, n, wire, inv_scale, describe)
+    r_agree = n * sums["r_code_sq"] == sums["r_code"] ** 2
+    return Decoded(sums, scale, exponent, r_agree)

@@ -66,6 +66,25 @@ def oracle_bits(g, contribute, *, seed, rank, step, k=0, R="local"):
     return u < 0.5 + g * (0.5 / r)          # P(+1) = (R + g) / (2R), eq. 8
 
 
+def common_R(prev):
+    """The default R of sr/s1 (docs/compressors.md, "R for S_R"): the least 2**(e/q)
+    (integer e; q = 8 for n <= 7 ranks, 4 for n <= 15, 2 for n <= 255, else 1) at or above
+    the max over ranks of max |g| of the tensor at the previous step; "local" at its first
+    step (``prev`` None) or after a step where it was all zeros."""
+    if prev is None:
+        return "local"
+    m = max((float(np.abs(np.asarray(g, np.float64)).max()) if np.size(g) else 0.0)
+            for g in prev)
+    if m == 0:
+        return "local"
+    n = len(prev)
+    q = 8 if n <= 7 else 4 if n <= 15 else 2 if n <= 255 else 1
+    e = int(np.ceil(q * np.log2(m))) + 1
+    while np.ldexp(2.0 ** ((e - 1) % q / q), (e - 1) // q) >= m:
+        e -= 1
+    return float(np.ldexp(2.0 ** (e % q / q), e // q))
+
+
 def oracle_vote(bits, vote="sign", tie="coin", *, seed, step):
     """The vote of n ranks' bits (all at the same step): +1/-1, 0 for a "zero" tie."""
     n = len(bits)
@@ -394,15 +413,18 @@ def test_shared_randomness_does_not_depend_on_hook_order():
 def test_step_advances_once_per_compress_phase():
     n = 2
     comps = [C.S1Compressor(size=n, rank=j) for j in range(n)]
+    prev = {}
     for step in range(3):
         grads = _grads(n, [(20,), (5,)], step)
         outs = simulate(comps, grads)
         assert all(c.step == step for c in comps)
         for nm in grads[0]:
-            bits = [oracle_bits(grads[j][nm].numpy(), "sr", seed=0, rank=j, step=step)
+            R = common_R(prev.get(nm))            # the default R: the previous step's bound
+            bits = [oracle_bits(grads[j][nm].numpy(), "sr", seed=0, rank=j, step=step, R=R)
                     for j in range(n)]
             np.testing.assert_array_equal(outs[0][nm].numpy().ravel(),
                                           oracle_vote(bits, "s1", seed=0, step=step))
+            prev[nm] = [grads[j][nm].numpy() for j in range(n)]
 
 
 def test_splitting_needs_horovod_outside_it():
@@ -468,15 +490,17 @@ def test_hvd_every_step_matches_the_oracle(jobname, request):
     for nm in _configs(job):
         group = [int(r) for r in job[0][f"{nm}|group"]]
         contribute, vote, tie, R, seed, _ = job[0][f"{nm}|spec"]
-        R = R if R == "local" else float(R)
+        R = R if R in ("local", "common") else float(R)
         params = sorted({k.split("|")[1] for k in job[0] if k.startswith(nm + "|")
                          and k.endswith("|g")})
         for p in params:
             steps = job[group[0]][f"{nm}|{p}|step"]
             np.testing.assert_array_equal(steps, np.arange(STEPS))
             for t in range(STEPS):
+                Rt = R if R != "common" else common_R(
+                    None if t == 0 else [job[r][f"{nm}|{p}|g"][t - 1] for r in group])
                 bits = [oracle_bits(job[r][f"{nm}|{p}|g"][t], contribute, seed=int(seed),
-                                    rank=i, step=t, k=int(job[r][f"{nm}|{p}|k"][t]), R=R)
+                                    rank=i, step=t, k=int(job[r][f"{nm}|{p}|k"][t]), R=Rt)
                         for i, r in enumerate(group)]
                 want = oracle_vote(bits, vote, tie, seed=int(seed), step=t)
                 for r in group:

@@ -118,25 +118,31 @@ def recording(cls):
 
 
 # --- part 1: training ---------------------------------------------------------------
+# S1Compressor's default common R (issue 14) is one bound for all ranks, at least each
+# rank's own max |g|, so E[o] = mean g / R is smaller and noisier than under the old
+# per-rank R.  With momentum 0.9 the s1 configurations at lr 0.01 then ended at 0.57-0.63
+# of the initial loss after 200 steps (0.6 is the test's bar; 1.8x at lr 0.013: the edge
+# of stability), at lr 0.006 at 0.17-0.24: they train at 0.006.
+S1_LR = 0.006
 # name, compressor class, compressor options, DistributedOptimizer options, lr, momentum,
 # model, backward passes per step
 CONFIGS = [
     ("sign_avg", C.SignCompressor, {}, {}, 0.01, 0.0, MLP, 1),
     ("sr_sum", C.SRCompressor, dict(seed=1), dict(op=hvd.Sum), 0.01, 0.0, MLP, 1),
     ("s1_predivide", C.S1Compressor, dict(seed=2), dict(gradient_predivide_factor=2.0),
-     0.01, 0.9, MLP, 1),
+     S1_LR, 0.9, MLP, 1),
     ("sign_bpps_zero", C.SignCompressor, dict(seed=3, tie="zero"),
      {}, 0.01, 0.0, MLP, 2),
     ("sr_fixedR_numgroups", C.SRCompressor, dict(seed=4, R=0.05), dict(num_groups=2),
      0.01, 0.9, MLP, 1),
     ("s1_groups_sum", C.S1Compressor, dict(seed=5), dict(groups="list", op=hvd.Sum),
-     0.01, 0.9, MLP, 1),
-    ("sign_int64_split", C.SignCompressor, dict(seed=6, wire="int64", max_message_words=40),
+     S1_LR, 0.9, MLP, 1),
+    ("sign_int64_split", C.SignCompressor, dict(seed=6, wire="int64", max_message_words=64),
      dict(op=hvd.Sum), 0.01, 0.0, MLP, 1),
     ("sr_split", C.SRCompressor, dict(seed=7, max_message_words=40), {}, 0.01, 0.0, MLP, 1),
     ("sr_process_set", C.SRCompressor, dict(seed=8, process_set=ps), dict(process_set=ps),
      0.01, 0.0, MLP, 1),
-    ("s1_hook_order", C.S1Compressor, dict(seed=9), {}, 0.01, 0.9, TwoBranch, 1),
+    ("s1_hook_order", C.S1Compressor, dict(seed=9), {}, S1_LR, 0.9, TwoBranch, 1),
 ]
 assert ONLY is None or ONLY <= {c[0] for c in CONFIGS}, ONLY
 runs = []
@@ -185,7 +191,7 @@ for r in runs:
                                                            "wire_bytes", "clamped")])
     out[f"{nm}|order"] = np.array(comp.order[:3 * len(comp.log)])
     out[f"{nm}|spec"] = np.array([comp.contribute, comp.vote, comp.tie, str(comp.R),
-                                  str(comp.seed), comp.wire])
+                                  str(comp.seed), comp.wire_used])
     for pname, rec in comp.log.items():
         for key in ("g", "o", "k", "step"):
             out[f"{nm}|{pname}|{key}"] = np.array(rec[key])
