@@ -480,3 +480,24 @@ def test_hvd_grouped_allreduce_identity_by_size_and_index(job):
             np.testing.assert_array_equal(job[r][f"{tag}|o"], job[0][f"{tag}|o"])
     assert job[0]["grp|stats"][2] == 0
 
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 8, 63, 126, 127, 128, 255])
+def test_v1_vote_of_uint8_counts_equals_the_reference(n):
+    """The compressors decode counts as uint8; vote_from_counts then takes eight at a time
+    (n < 128). Same bits and tie mask as int64 counts and the reference, at every offset."""
+    from signcomm.kernels import reference
+    rng = np.random.default_rng(n)
+    for d in (0, 1, 7, 9, 64, 65, 1000, 16385, 40001):
+        c = rng.integers(0, n + 1, d).astype(np.uint8)
+        c[rng.random(d) < 0.3] = n // 2                    # many ties for even n
+        for mode, tie in ((0, "coin"), (1, "zero")):
+            for off in (0, 5, 64, 1000):
+                a = K.vote_from_counts(c, n, tie=tie, key=77, offset=off)
+                b = K.vote_from_counts(c.astype(np.int64), n, tie=tie, key=77, offset=off)
+                want, _ = reference.decide_from_counts(c.astype(np.int64), n, mode, 77, off)
+                np.testing.assert_array_equal(a.bits, want)
+                np.testing.assert_array_equal(a.bits, b.bits)
+                assert (a.nonzero is None) == (b.nonzero is None)
+                if a.nonzero is not None:
+                    np.testing.assert_array_equal(a.nonzero, b.nonzero)

@@ -464,6 +464,34 @@ def _pack_flags(flags, m, out, shift):
 
 
 DECIDE_CHUNK = 1 << 14  # coordinates per parallel task (multiple of 64)
+HIGH8 = np.uint64(0x8080808080808080)
+LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+MOVEMASK = np.uint64(0x0002040810204081)  # ((x & HIGH8) * MOVEMASK) >> 56: bit 7 of byte k -> bit k
+
+
+@jit
+def _v1_bytes_u8(cs, m, half, gt, tie):
+    """v1 of uint8 counts cs[0:m] (all <= 127), eight at a time in one uint64: gt[b] bit k
+    = (count 8b+k > half), tie[b] bit k = (count == half); padding bits 0."""
+    nfull = m >> 3
+    cw = cs[:8 * nfull].view(np.uint64)
+    add = (np.uint64(127) - np.uint64(half)) * LANE_ONES    # bit 7 of c + add: c > half
+    hh = np.uint64(half) * LANE_ONES
+    for b in range(nfull):
+        x = cw[b]
+        gt[b] = np.uint8((((x + add) & HIGH8) * MOVEMASK) >> np.uint64(56))
+        z = x ^ hh                                          # zero bytes: c == half
+        y = ~(((z & LOW7) + LOW7) | z | LOW7)
+        tie[b] = np.uint8(((y & HIGH8) * MOVEMASK) >> np.uint64(56))
+    if m & 7:
+        g = 0
+        t = 0
+        for k in range(m & 7):
+            c = np.int64(cs[8 * nfull + k])
+            g |= np.int64(c > half) << k
+            t |= np.int64(c == half) << k
+        gt[nfull] = g
+        tie[nfull] = t
 
 
 @pjit
@@ -487,6 +515,23 @@ def decide_from_counts(c, n, mode, key, offset, out, nonzero):
             else:
                 _s1_flags_big_n(cs, m, n, key, offset + i0, flags)
             _pack_flags(flags, m, os, 0)
+        elif cs.itemsize == 1 and n < 128:   # uint8 counts: eight per uint64 (the compressors')
+            gt = np.zeros(DECIDE_CHUNK >> 3, np.uint8)
+            tie = np.zeros(DECIDE_CHUNK >> 3, np.uint8)
+            _v1_bytes_u8(cs, m, n // 2, gt, tie)
+            if n % 2:
+                for b in range(nb):
+                    tie[b] = 0                # odd n never ties: 2c == n has no solution
+            if mode == 0:
+                gw = gt.view(np.uint64)
+                _tie_coins(gw, tie.view(np.uint64), (nb + 7) >> 3, key, offset + i0, gw)
+                for b in range(nb):
+                    os[b] = gt[b]
+            else:
+                zs = nonzero[i0 >> 3:(i0 >> 3) + nb]
+                for b in range(nb):
+                    os[b] = gt[b]
+                    zs[b] = ~tie[b]
         else:
             _v1_flags(cs, m, n, flags)
             if mode == 0:  # o = gt, or a coin of the shared stream where tied

@@ -272,40 +272,57 @@ def group_table(base: int, k: int):
 
 @jit
 def _encode_chunk(c, packed, d, f, table, powers, out):
-    """Words c*WORD_CHUNK .. of ``encode_words``; returns their popcount.  The packed
-    bits are read as a stream, at most 8 at a time (one byte, then a table lookup)."""
+    """Words c*WORD_CHUNK .. of ``encode_words``; returns their popcount.  A word's f
+    bits (f <= 56) come from one unaligned 8-byte load of the packed bytes; the words
+    too close to the end for that (and f > 56: 63 one-bit fields) read the bits as a
+    stream, at most 8 at a time."""
     nwords = out.shape[0]
     nbytes = (d + 7) >> 3
     ngroups = powers.shape[0]
     w0 = c * WORD_CHUNK
     w1 = min(nwords, w0 + WORD_CHUNK)
-    s = w0 * f
-    nxt = s >> 3
-    buf = np.uint64(0)   # the next nbuf bits of the stream, low bit first
-    nbuf = 0
-    if s & 7:
-        buf = np.uint64(packed[nxt]) >> np.uint64(s & 7)
-        nbuf = 8 - (s & 7)
-        nxt += 1
     pop = 0
-    for w in range(w0, w1):
-        m = min(f, d - w * f)
-        acc = np.int64(0)
-        for t in range(ngroups):
-            k = min(8, m - 8 * t)
-            if k <= 0:
-                break
-            if nbuf < k:
-                if nxt < nbytes:
-                    buf |= np.uint64(packed[nxt]) << np.uint64(nbuf)
-                    nxt += 1
-                nbuf += 8
-            byte = buf & ((np.uint64(1) << np.uint64(k)) - np.uint64(1))
-            buf >>= np.uint64(k)
-            nbuf -= k
-            pop += np.int64(_ctpop64(byte))
-            acc += table[np.int64(byte)] * powers[t]
-        out[w] = acc
+    wfast = w0
+    if f <= 56:
+        # words whose 8-byte load stays inside packed and that hold f full coordinates
+        last = min(w1, (nbytes - 8) * 8 // f if nbytes >= 8 else 0, d // f)
+        mask = (np.uint64(1) << np.uint64(f)) - np.uint64(1)
+        for w in range(w0, max(w0, last)):
+            s = w * f
+            bits = (_load_u64(packed, s >> 3) >> np.uint64(s & 7)) & mask
+            pop += np.int64(_ctpop64(bits))
+            acc = np.int64(0)
+            for t in range(ngroups):
+                acc += table[np.int64((bits >> np.uint64(8 * t)) & np.uint64(0xFF))] * powers[t]
+            out[w] = acc
+        wfast = max(w0, last)
+    if wfast < w1:   # the rest: the packed bits as a stream
+        s = wfast * f
+        nxt = s >> 3
+        buf = np.uint64(0)   # the next nbuf bits of the stream, low bit first
+        nbuf = 0
+        if s & 7:
+            buf = np.uint64(packed[nxt]) >> np.uint64(s & 7)
+            nbuf = 8 - (s & 7)
+            nxt += 1
+        for w in range(wfast, w1):
+            m = min(f, d - w * f)
+            acc = np.int64(0)
+            for t in range(ngroups):
+                k = min(8, m - 8 * t)
+                if k <= 0:
+                    break
+                if nbuf < k:
+                    if nxt < nbytes:
+                        buf |= np.uint64(packed[nxt]) << np.uint64(nbuf)
+                        nxt += 1
+                    nbuf += 8
+                byte = buf & ((np.uint64(1) << np.uint64(k)) - np.uint64(1))
+                buf >>= np.uint64(k)
+                nbuf -= k
+                pop += np.int64(_ctpop64(byte))
+                acc += table[np.int64(byte)] * powers[t]
+            out[w] = acc
     return pop
 
 
