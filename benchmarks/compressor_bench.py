@@ -2,9 +2,13 @@
 ``hvd.Compression.none`` and ``hvd.Compression.fp16``, on a ResNet-50-sized parameter set.
 
     python benchmarks/compressor_bench.py --np 2 4 8 [--json out.json]
+    python benchmarks/compressor_bench.py --profile [--np 4] [--methods s1]
 
 launches ``mpirun -np N`` of itself for each N (the compressors are compared in the same
-job, so the ratios share one machine state) and prints one table per N.
+job, so the ratios share one machine state) and prints one table per N.  ``--profile``
+runs one process instead: n ranks simulated with ``size=/rank=`` compressors, the
+codec of one of them under cProfile (thread CPU time), kernel by kernel, next to a
+memory copy of the same gradients.
 
 The parameter set: 16 tensors, 25,640,960 float32 parameters, shaped like ResNet-50's
 largest layers: the (1000, 2048) classifier, six (512, 512, 3, 3) and nine
@@ -15,7 +19,10 @@ SGD: ``opt.synchronize()`` then ``opt.step()`` under ``skip_synchronize``.  No b
 pass is timed; it would cost every method the same.
 
 Columns: ``ms/step`` (median over the timed steps of the slowest rank), ``codec ms``
-(time inside compress + decompress per step, slowest rank), ``message MB`` (what one rank
+(time inside compress + decompress per step, slowest rank), ``copy ms`` (each rank copies
+its fp32 gradients into preallocated tensors, ``Tensor.copy_``, right before every step of
+every method, untimed by the step clock: the memory floor, measured at the same moments
+as the codec; slowest rank), ``codec/copy``, ``message MB`` (what one rank
 hands to the allreduce per step: 4 B per parameter uncompressed), ``ring MB/rank`` (bytes
 one rank sends in a ring allreduce of that message, 2 (n-1)/n x message, as
 ``signcomm.comm.ring_allreduce_bytes`` counts it; MPICH picks its
@@ -30,13 +37,15 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import Method, Stopwatch, hvd_sgd, interleave, ring_allreduce_bytes, threads_per_rank
+from common import Method, Stopwatch, interleave, ring_allreduce_bytes, threads_per_rank
 
 SHAPES = [(1000, 2048)] + [(512, 512, 3, 3)] * 6 + [(2048, 512, 1, 1)] * 9
 METHODS = ("none", "fp16", "sign", "sr", "s1")
+WIRES = ("auto", "float64", "int64", "float64-radix", "int64-radix")
 
 
 def rank_main(args):
@@ -63,18 +72,26 @@ def rank_main(args):
         if method == "fp16":
             return hvd.Compression.fp16
         return {"sign": compressors.SignCompressor, "sr": compressors.SRCompressor,
-                "s1": compressors.S1Compressor}[method](seed=1)
+                "s1": compressors.S1Compressor}[method](seed=1, wire=args.wire)
 
+    copies = [torch.empty_like(g) for g in grads]
+    op = hvd.Sum if args.op == "sum" else hvd.Average
     rows = []
     for method in args.methods:
         comp = make(method)
         codec_clock = Stopwatch()
         timed = SimpleNamespace(compress=codec_clock.wrap(comp.compress),
                                 decompress=codec_clock.wrap(comp.decompress))
-        opt = hvd_sgd(hvd, named, lr=1e-3, compression=timed)
-        codec = []
+        opt = hvd.DistributedOptimizer(torch.optim.SGD([p for _, p in named], lr=1e-3),
+                                       named_parameters=named, compression=timed, op=op)
+        codec, copy = [], []
 
-        def fresh_grads(i):  # untimed, like the codec clock's reset
+        def fresh_grads(i):  # untimed by the step clock, like the codec clock's reset
+            t0 = time.perf_counter()
+            for c, g in zip(copies, grads):
+                c.copy_(g)
+            if i >= args.warmup:
+                copy.append(time.perf_counter() - t0)
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             codec_clock.reset()
@@ -94,15 +111,19 @@ def rank_main(args):
         times = timing.times
         if method in ("none", "fp16"):
             message = d * (4 if method == "none" else 2)
+            wire = "fp32" if method == "none" else "fp16"
         else:
             message = comp.stats["wire_bytes"] // (args.warmup + args.steps)
-        mine = torch.tensor([float(np.median(times)), float(np.median(codec))],
-                            dtype=torch.float64)
+            wire = comp.wire_used
+        mine = torch.tensor([float(np.median(times)), float(np.median(codec)),
+                             float(np.median(copy))], dtype=torch.float64)
         worst = hvd.allreduce(mine, name=f"worst.{method}", op=hvd.Max)
         rows.append(dict(method=method, n=n, params=d, ms_per_step=1e3 * worst[0].item(),
-                         codec_ms=1e3 * worst[1].item(), message_bytes=int(message),
+                         codec_ms=1e3 * worst[1].item(), copy_ms=1e3 * worst[2].item(),
+                         codec_vs_copy=worst[1].item() / worst[2].item(),
+                         message_bytes=int(message), wire=wire, op=args.op,
                          ring_bytes_per_rank=ring_allreduce_bytes(message, n),
-                         steps=args.steps))
+                         steps=args.steps, loadavg=os.getloadavg()[0]))
         del opt
     if rank == 0:
         base = next((r for r in rows if r["method"] == "none"), None)
@@ -116,15 +137,94 @@ def rank_main(args):
 
 def print_table(rows):
     n = rows[0]["n"]
-    print(f"\nn = {n} ranks, {rows[0]['params']:,} parameters, median of "
-          f"{rows[0]['steps']} steps (slowest rank)")
-    print(f"{'method':>6} {'ms/step':>9} {'codec ms':>9} {'message MB':>11} "
-          f"{'ring MB/rank':>13} {'bits/param':>10} {'time/none':>10} {'bytes/none':>11}")
+    print(f"\nn = {n} ranks, {rows[0]['params']:,} parameters, op={rows[0]['op']}, median "
+          f"of {rows[0]['steps']} steps (slowest rank), load {rows[0]['loadavg']:.1f}")
+    print(f"{'method':>6} {'wire':>13} {'ms/step':>9} {'codec ms':>9} {'copy ms':>8} "
+          f"{'codec/copy':>10} {'message MB':>11} {'ring MB/rank':>13} {'bits/param':>10} "
+          f"{'time/none':>10} {'bytes/none':>11}")
     for r in rows:
-        print(f"{r['method']:>6} {r['ms_per_step']:9.1f} {r['codec_ms']:9.1f} "
-              f"{r['message_bytes'] / 1e6:11.2f} {r['ring_bytes_per_rank'] / 1e6:13.2f} "
-              f"{r['bits_per_param']:10.2f} {r.get('time_vs_none', float('nan')):10.2f} "
+        ratio = r["codec_vs_copy"] if r["codec_ms"] else float("nan")
+        print(f"{r['method']:>6} {r['wire']:>13} {r['ms_per_step']:9.1f} {r['codec_ms']:9.1f} "
+              f"{r['copy_ms']:8.1f} {ratio:10.2f} {r['message_bytes'] / 1e6:11.2f} "
+              f"{r['ring_bytes_per_rank'] / 1e6:13.2f} {r['bits_per_param']:10.2f} "
+              f"{r.get('time_vs_none', float('nan')):10.2f} "
               f"{r.get('bytes_vs_none', float('nan')):11.3f}")
+
+
+def profile_main(args):
+    """One process: the codec of rank 0 of n simulated ranks, kernel by kernel."""
+    import cProfile
+    import pstats
+
+    import numba
+    import numpy as np
+    import torch
+
+    import compressors
+
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(1234)
+    shapes = SHAPES if args.scale == 1.0 else [
+        (max(1, int(s[0] * args.scale)),) + s[1:] for s in SHAPES]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    d = sum(g.numel() for g in grads)
+    copies = [torch.empty_like(g) for g in grads]
+    kinds = {"sign": ("sign", "sign"), "sr": ("sr", "sign"), "s1": ("sr", "s1")}
+
+    def cpu_ms(fn, reps=5):
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.thread_time()
+            fn()
+            best = min(best, time.thread_time() - t0)
+        return 1e3 * best
+
+    copy_ms = cpu_ms(lambda: [c.copy_(g) for c, g in zip(copies, grads)])
+    print(f"{d:,} fp32 parameters in {len(shapes)} tensors; thread CPU time, best of 5; "
+          f"load {os.getloadavg()[0]:.1f}")
+    print(f"memory copy (Tensor.copy_ into preallocated tensors): {copy_ms:.1f} ms "
+          f"({copy_ms * 1e6 / d:.2f} ns/param)")
+    for n in args.np:
+        for method in args.methods:
+            if method not in kinds:
+                continue
+            contribute, vote = kinds[method]
+            comps = [compressors.MajorityVoteCompressor(
+                contribute=contribute, vote=vote, size=n, rank=j, seed=1, wire=args.wire)
+                for j in range(n)]
+            sent = None
+            for _ in range(2):   # two steps: the second uses the common R
+                sent = [[c.compress(g * (1 + 0.5 * j)) for g in grads]
+                        for j, c in enumerate(comps)]
+                total = [sum(s[i][0] for s in sent) for i in range(len(grads))]
+                for j, c in enumerate(comps):
+                    for t, (_, ctx) in zip(total, sent[j]):
+                        c.decompress(t.clone(), ctx)
+            c0 = comps[0]
+
+            def compress():
+                c0._phase, c0._step = "decompress", c0._step - 1   # same step again
+                return [c0.compress(g) for g in grads]
+
+            ctxs = [ctx for _, ctx in sent[0]]
+
+            def decompress():
+                return [c0.decompress(t, ctx) for t, ctx in zip(total, ctxs)]
+
+            comp_ms, dec_ms = cpu_ms(compress), cpu_ms(decompress)
+            print(f"\nn = {n}, {method} (wire {c0.wire_used}): compress {comp_ms:.1f} ms + "
+                  f"decompress {dec_ms:.1f} ms = {(comp_ms + dec_ms) / copy_ms:.2f}x the copy")
+            prof = cProfile.Profile(time.thread_time)
+            prof.enable()
+            compress()
+            decompress()
+            prof.disable()
+            st = pstats.Stats(prof)
+            rows = sorted(((v[2], f) for f, v in st.stats.items()), reverse=True)[:10]
+            for tt, (fname, line, func) in rows:
+                where = f"{Path(fname).parent.name}/{Path(fname).name}:{func}"
+                print(f"  {1e3 * tt:7.1f} ms  {tt * 1e9 / d:5.2f} ns/param  {where}")
 
 
 def main():
@@ -134,6 +234,12 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps per method")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per method")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--wire", default="auto", choices=WIRES,
+                    help="the compressors' wire (default auto: the cheapest exact one)")
+    ap.add_argument("--op", default="average", choices=("average", "sum"),
+                    help="the DistributedOptimizer's op (sum lets wire=auto use int64 words)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one process: the codec kernel by kernel against a memory copy")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="scale the parameter set (1.0 = 25.6M; smaller for a smoke run)")
     ap.add_argument("--json", help="also write all rows to this JSON file")
@@ -143,6 +249,8 @@ def main():
     args = ap.parse_args()
     if args.rank_main:
         return rank_main(args)
+    if args.profile:
+        return profile_main(args)
     venv = Path(sys.executable).parent
     mpirun = str(venv / "mpirun") if (venv / "mpirun").exists() else "mpirun"
     all_rows = []
@@ -156,7 +264,7 @@ def main():
             cmd = [mpirun, "-np", str(n), sys.executable, "-m", "mpi4py", __file__,
                    "--rank-main", "--out", str(out), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--scale", str(args.scale),
-                   "--methods", *args.methods]
+                   "--wire", args.wire, "--op", args.op, "--methods", *args.methods]
             subprocess.run(cmd, check=True, env=env, timeout=args.timeout)
             rows = json.loads(out.read_text())
         print_table(rows)

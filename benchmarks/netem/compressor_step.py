@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Horovod steps with signcomm's compressors against ``Compression.none`` on the emulated
+bandwidth-limited cluster (docs/netem.md), all methods of one n in one job.
+
+    sudo .venv/bin/python benchmarks/netem/compressor_step.py              # n = 4, 8; 1 Gbit/s
+    sudo .venv/bin/python benchmarks/netem/compressor_step.py --n 4 --reps 2 --scale 0.1
+
+One cluster of max(n) namespaces; for each n one MPI job (Horovod in MPI mode over the
+shaped links) runs, in turns (repetition i runs every method once, the first method
+rotating), for each method in ``--methods`` (none, fp16, sign, sr, s1):
+
+- ``opt``: a DistributedOptimizer step over the 16 ResNet-50-shaped tensors of
+  benchmarks/compressor_bench.py (25,640,960 fp32 parameters): every gradient is
+  compressed, allreduced (op=Average) and decompressed, then SGD steps
+  (``opt.synchronize()`` + ``opt.step()``; the gradients are fixed, so no forward or
+  backward pass is timed: they would cost every method the same);
+- ``fn``: ``hvd.allreduce(x, compression=...)`` of one flat 25.6M tensor (the
+  measurement of the issue's netem figures).
+
+Each record: median over the timed repetitions of the slowest rank's seconds, the codec
+seconds (inside compress + decompress, slowest rank), the bytes one rank handed to the
+allreduce, the bytes that crossed each rank's link during the job (tc counters), and
+the load average.  Records go to ``--out`` (JSON); a table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # benchmarks/
+
+ROOT = HERE.parent.parent
+SHAPES = [(1000, 2048)] + [(512, 512, 3, 3)] * 6 + [(2048, 512, 1, 1)] * 9
+METHODS = ("none", "fp16", "sign", "sr", "s1")
+
+
+def rank_main(a):
+    import numpy as np
+    import torch
+    import horovod.torch as hvd
+
+    import compressors
+    from common import Method, Stopwatch, interleave, threads_per_rank
+
+    hvd.init()
+    torch.set_num_threads(threads_per_rank(hvd.size()))
+    n, rank = hvd.size(), hvd.rank()
+    shapes = SHAPES if a.scale == 1.0 else [(max(1, int(s[0] * a.scale)),) + s[1:]
+                                            for s in SHAPES]
+    gen = torch.Generator().manual_seed(1234 + rank)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    named = [(f"layer{i}.weight", p) for i, p in enumerate(params)]
+    d = sum(p.numel() for p in params)
+    flat = torch.randn(d, generator=gen)
+
+    def make(method):
+        if method == "none":
+            return hvd.Compression.none
+        if method == "fp16":
+            return hvd.Compression.fp16
+        return {"sign": compressors.SignCompressor, "sr": compressors.SRCompressor,
+                "s1": compressors.S1Compressor}[method](seed=1)
+
+    def allmax(x):
+        return float(hvd.allreduce(torch.tensor([x], dtype=torch.float64), op=hvd.Max,
+                                   name="bench.max").item())
+
+    runs = []
+    for method in a.methods:
+        for what in a.what:
+            comp = make(method)
+            clock = Stopwatch()
+            timed = comp if method in ("none", "fp16") else type("Timed", (), dict(
+                compress=staticmethod(clock.wrap(comp.compress)),
+                decompress=staticmethod(clock.wrap(comp.decompress))))
+            run = dict(method=method, what=what, comp=comp, clock=clock, codec=[])
+            if what == "opt":
+                opt = hvd.DistributedOptimizer(
+                    torch.optim.SGD(params, lr=1e-4), named_parameters=named,
+                    compression=timed)
+
+                def before(i, clock=clock):
+                    for p, g in zip(params, grads):
+                        p.grad = g.clone()
+                    clock.reset()
+
+                def step(i, opt=opt):
+                    opt.synchronize()
+                    with opt.skip_synchronize():
+                        opt.step()
+            else:
+                def before(i, clock=clock):
+                    clock.reset()
+
+                def step(i, timed=timed, method=method):
+                    hvd.allreduce(flat, name=f"fn.{method}", compression=timed)
+
+            def after(i, run=run):
+                if i >= a.warmup:
+                    run["codec"].append(run["clock"].seconds)
+
+            run["m"] = Method(step, before=before, after=after, name=f"{what}.{method}")
+            runs.append(run)
+    t0 = time.time()
+    interleave([r["m"] for r in runs], a.reps, a.warmup, barrier=hvd.barrier,
+               allmax=allmax, rotate=True)
+    wall = time.time() - t0
+    if rank == 0:
+        with open(a.out, "w") as f:
+            for r in runs:
+                comp, method = r["comp"], r["method"]
+                steps = a.warmup + a.reps
+                if method in ("none", "fp16"):
+                    msg = d * (4 if method == "none" else 2)
+                    wire = "fp32" if method == "none" else "fp16"
+                else:
+                    msg = comp.stats["wire_bytes"] // steps
+                    wire = comp.wire_used
+                f.write(json.dumps(dict(
+                    method=method, what=r["what"], n=n, d=d, gbit=a.gbit,
+                    seconds=float(np.median(r["m"].times)), times=r["m"].times,
+                    codec_seconds=float(np.median(r["codec"])) if r["codec"] else 0.0,
+                    message_bytes=int(msg), wire=wire, reps=a.reps, job_seconds=wall,
+                    loadavg=os.getloadavg())) + "\n")
+    hvd.shutdown()
+
+
+def print_table(rows):
+    base = {(r["n"], r["what"]): r["seconds"] for r in rows if r["method"] == "none"}
+    print(f"\n{'n':>2} {'step':>4} {'method':>6} {'wire':>13} {'ms':>8} {'codec ms':>9} "
+          f"{'message MB':>10} {'link MB/rank':>12} {'none/this':>9}")
+    for r in rows:
+        b = base.get((r["n"], r["what"]))
+        print(f"{r['n']:>2} {r['what']:>4} {r['method']:>6} {r['wire']:>13} "
+              f"{1e3 * r['seconds']:8.0f} {1e3 * r['codec_seconds']:9.0f} "
+              f"{r['message_bytes'] / 1e6:10.2f} {r.get('link_mb_per_rank', float('nan')):12.1f} "
+              f"{(b / r['seconds']) if b else float('nan'):9.2f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--gbit", type=float, default=1.0)
+    ap.add_argument("--methods", nargs="+", default=["none", "sign", "s1"], choices=METHODS)
+    ap.add_argument("--what", nargs="+", default=["opt", "fn"], choices=("opt", "fn"))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="scale the parameter set (1.0 = 25.6M; smaller for a smoke run)")
+    ap.add_argument("--job-timeout", type=float, default=1500)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
+                                         "netem_compressors.json"))
+    ap.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.rank_main:
+        return rank_main(a)
+
+    import cluster as netem
+    from common import threads_per_rank
+
+    why = netem.namespace_support()
+    if why:
+        print(f"compressor_step.py: cannot build the emulated cluster here: {why}",
+              file=sys.stderr)
+        return 77
+    netem._raise_on_signals()
+    python = netem.venv_python()
+    rows = []
+    with netem.Cluster(max(a.n), a.gbit) as c:
+        print(f"compressor_step.py: cluster {c.prefix}, {c.n} namespaces, {a.gbit:g} Gbit/s",
+              flush=True)
+        for n in sorted(a.n):
+            part = Path(c.hostfile).parent / f"rows-{n}.jsonl"
+            threads = str(threads_per_rank(n))
+            cmd = ["env", f"NUMBA_NUM_THREADS={threads}", f"OMP_NUM_THREADS={threads}",
+                   python, "-m", "mpi4py", str(Path(__file__).resolve()), "--rank-main",
+                   "--out", str(part), "--reps", str(a.reps), "--warmup", str(a.warmup),
+                   "--scale", str(a.scale), "--gbit", str(a.gbit),
+                   "--methods", *a.methods, "--what", *a.what]
+            before = c.link_bytes()
+            load = os.getloadavg()
+            rc, text = c.run(cmd, n=n, timeout=a.job_timeout)
+            after = c.link_bytes()
+            print(text[-3000:], end="", flush=True)
+            if rc != 0 or not part.exists():
+                print(f"compressor_step.py: n={n} failed (rc={rc})", flush=True)
+                continue
+            link = [(after[r]["tx"] - before[r]["tx"]) for r in range(n)]
+            for line in part.read_text().splitlines():
+                rec = json.loads(line)
+                rec.update(loadavg_before=load, job_link_tx_bytes=link)
+                rows.append(rec)
+    # link bytes are per job; attribute them to the methods by their message bytes
+    for n in sorted({r["n"] for r in rows}):
+        mine = [r for r in rows if r["n"] == n]
+        total = sum(r["message_bytes"] * (r["reps"] + 1) for r in mine)
+        tx = max(mine[0]["job_link_tx_bytes"])
+        for r in mine:
+            r["link_mb_per_rank"] = tx * r["message_bytes"] / total / 1e6 if total else 0.0
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(rows, indent=1))
+    print_table(rows)
+    print(f"\nwrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
