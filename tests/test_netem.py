@@ -1,8 +1,9 @@
 """The emulated cluster (benchmarks/netem/cluster.py): it builds and removes its namespaces
 cleanly, also when interrupted, and a 2-rank MPI job across two namespaces really goes over
 the rate-limited link (a transfer of S bytes takes at least S / rate, and the link's
-shaper counts at least S bytes).  Needs root, iproute2 and network-namespace support;
-skipped with the reason otherwise.  About 20 s.
+shaper counts at least S bytes), and machines of 2 ranks keep their own traffic in shared
+memory and send only the traffic between machines over the link.  Needs root, iproute2 and network-namespace support;
+skipped with the reason otherwise.  About 30 s.
 """
 import os
 import signal
@@ -71,6 +72,35 @@ def test_two_rank_transfer_goes_over_the_limited_link():
     assert delta[0]["tx"] >= 2 * nbytes, delta
     assert delta[1]["rx"] >= 2 * nbytes, delta
     assert delta[0]["rx"] < nbytes // 10 and delta[1]["tx"] < nbytes // 10, delta
+
+
+def test_machines_of_two_ranks_share_memory_inside_and_the_link_between():
+    """2 machines x 2 ranks: MPI.COMM_TYPE_SHARED is the machine, the two ranks of a
+    machine share its namespace and move 20 MB through shared memory (nothing on eth0 or
+    lo), and 20 MB to the other machine cross the shaped link (tc counts them once)."""
+    nbytes = 20_000_000
+    with netem.Cluster(2, 1.0, tag=_tag("m"), ranks_per_machine=2) as c:
+        assert c.size == 4 and [c.machine_of(r) for r in range(4)] == [0, 0, 1, 1]
+        with open(c.hostfile) as f:
+            assert f.read().split() == [f"{ns}:2" for ns in c.ranks]
+        res = netem.check_machines(c, nbytes, timeout=60)
+    assert res["groups"] == [[0, 1], [0, 1], [2, 3], [2, 3]], res
+    assert netem.machine_failures(res) == [], res
+    # the judge itself fails on a wrong grouping and on in-machine bytes on the link
+    wrong = dict(res, groups=[[0, 1, 2, 3]] * 4)
+    assert any("COMM_TYPE_SHARED" in b for b in netem.machine_failures(wrong))
+    leaky = dict(res, intra=dict(res["intra"], eth0_tx=nbytes))
+    assert any("not shared memory" in b for b in netem.machine_failures(leaky))
+
+
+def test_machines_refuse_bad_layouts():
+    with pytest.raises(ValueError, match="ranks_per_machine"):
+        netem.Cluster(2, 1.0, ranks_per_machine=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        netem.Cluster(40, 1.0, ranks_per_machine=2)
+    out = subprocess.run(CLI + ["--np", "3", "--ranks-per-machine", "2", "--", "true"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "multiple of --ranks-per-machine" in out.stderr, out.stderr
 
 
 def test_interrupt_tears_down():

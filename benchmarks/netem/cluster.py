@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""An emulated bandwidth-limited cluster on one machine: one network namespace per MPI rank.
+"""An emulated bandwidth-limited cluster on one machine: one network namespace per
+machine, holding one MPI rank (the default) or k of them (``--ranks-per-machine k``).
 
 Layout (all names start with ``scnet-<tag>-``; nothing is added to the root namespace)::
 
@@ -7,7 +8,7 @@ Layout (all names start with ``scnet-<tag>-``; nothing is added to the root name
     scnet-<tag>-r1  eth0 10.77.0.2 --veth-- p1 ├─ br0 10.77.0.254   (in scnet-<tag>-br)
     ...                                        ┘
 
-Every rank's link is limited in both directions with a token bucket (``tc tbf``): on the
+Namespace ``r<i>`` is machine i (with k = 1, rank i).  Every machine's link is limited in both directions with a token bucket (``tc tbf``): on the
 rank's ``eth0`` (what the rank sends) and on the bridge port ``p<i>`` (what it receives),
 so "rate" means a full-duplex NIC of that speed.  A latency is added with ``netem`` when
 the kernel has it (``--delay-ms``); where it does not, asking for one is an error, never
@@ -21,10 +22,23 @@ libfabric's TCP provider on ``eth0`` and to treat no two ranks as local (``MPI_E
 without that it would move the bytes through shared memory and the links would carry
 nothing (measured: 75 Gbit/s "through" a 1 Gbit/s link).
 
+Machines of k ranks (``ranks_per_machine=k``): the hosts file gives every namespace k
+slots, so Hydra starts one proxy per namespace with k ranks, in blocks (machine m holds
+world ranks m*k .. m*k+k-1, the layout of ``MVSM(ranks_per_node=k)``).  MPICH takes its
+node map from Hydra's process mapping (one node per proxy), so with ``MPIR_CVAR_NOLOCAL``
+left off (``MPI_ENV_MACHINES``) the ranks of one namespace pair through POSIX shared
+memory and ``MPI.COMM_TYPE_SHARED`` splits the world into the machines, while ranks of
+different namespaces still only reach each other over libfabric TCP on ``eth0``: the
+shaped link carries exactly the traffic between machines.  ``check_machines`` proves it
+(``--check --ranks-per-machine k``).  k = 1 is the one-rank-per-namespace cluster above,
+unchanged.
+
 Command line (as root)::
 
     cluster.py --np 4 --gbit 1 -- .venv/bin/python -m mpi4py script.py ARGS
+    cluster.py --np 8 --ranks-per-machine 2 -- ...   # 4 machines of 2 ranks
     cluster.py --check [--gbit 1]      # proof: a 2-rank transfer vs the link rate + tc counters
+    cluster.py --check --ranks-per-machine 2   # proof: machine grouping, shm inside, link between
     cluster.py --cleanup               # remove every scnet-* namespace left by a killed run
     cluster.py --list
 
@@ -70,6 +84,10 @@ MPI_ENV = {
     # MPICH would pair them through its POSIX shared-memory module: forbid that.
     "MPIR_CVAR_NOLOCAL": "1",
 }
+# Machines of several ranks: the same, except that ranks of one namespace are local to
+# each other (MPICH's node map follows Hydra's proxies: one per namespace).
+MPI_ENV_MACHINES = dict(MPI_ENV, MPIR_CVAR_NOLOCAL="0")
+MACHINES = HERE / "machines.py"
 
 
 class NetemError(RuntimeError):
@@ -198,14 +216,23 @@ def tbf_args(gbit, burst_ms=1.0):
 # --------------------------------------------------------------------------- cluster
 
 class Cluster:
-    """``n`` namespaces, each with one ``gbit`` Gbit/s full-duplex link to a shared bridge."""
+    """``n`` namespaces (machines), each with one ``gbit`` Gbit/s full-duplex link to a
+    shared bridge and room for ``ranks_per_machine`` ranks (``size = n * k`` in all)."""
 
-    def __init__(self, n, gbit, *, delay_ms=0.0, mtu=1500, tag=None, burst_ms=1.0):
+    def __init__(self, n, gbit, *, delay_ms=0.0, mtu=1500, tag=None, burst_ms=1.0,
+                 ranks_per_machine=1):
         if not 1 <= int(n) <= MAX_RANKS:
             raise ValueError(f"n must be in 1..{MAX_RANKS}, got {n}")
+        k = ranks_per_machine
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_RANKS:
+            raise ValueError(f"ranks_per_machine must be an int in 1..{MAX_RANKS}, got {k!r}")
+        if int(n) * k > MAX_RANKS:
+            raise ValueError(f"{n} machines x {k} ranks exceeds {MAX_RANKS} ranks")
         if gbit is not None and not 0.001 <= float(gbit) <= 400:
             raise ValueError(f"gbit must be in [0.001, 400] or None (unlimited), got {gbit}")
-        self.n = int(n)
+        self.n = int(n)                    # machines = namespaces
+        self.k = k                         # ranks per machine
+        self.size = self.n * k             # ranks
         self.gbit = None if gbit is None else float(gbit)
         self.delay_ms = float(delay_ms)
         self.mtu = int(mtu)
@@ -215,6 +242,7 @@ class Cluster:
             raise ValueError(f"tag must be 1-12 letters/digits, got {self.tag!r}")
         self.prefix = f"{PREFIX}-{self.tag}"
         self.br = f"{self.prefix}-br"
+        # one namespace per machine; named r<i> because with k = 1 machine i is rank i
         self.ranks = [f"{self.prefix}-r{i}" for i in range(self.n)]
         self.burst_bytes = 0
         self._tmp = None
@@ -255,7 +283,7 @@ class Cluster:
                 _ip("link", "set", "eth0", "up", ns=ns)
             self.set_rate(self.gbit, self.delay_ms)
             with open(self.hostfile, "w") as f:
-                f.writelines(f"{ns}:1\n" for ns in self.ranks)
+                f.writelines(f"{ns}:{self.k}\n" for ns in self.ranks)
         except BaseException:
             self.down()
             raise
@@ -316,7 +344,8 @@ class Cluster:
         return os.path.join(self._tmp, "hosts")
 
     def link_bytes(self):
-        """Bytes each rank's link has carried so far: {rank: {"tx": sent, "rx": received}}.
+        """Bytes each machine's link has carried so far: {machine: {"tx": sent, "rx":
+        received}} (with k = 1, machine i is rank i).
 
         Read from the root qdisc's counters, so it counts every byte that crossed the
         shaper (payload + TCP/IP headers + MPI control)."""
@@ -336,24 +365,30 @@ class Cluster:
         return total
 
     # -- running jobs
+    def machine_of(self, rank):
+        """The machine (namespace index) that holds world rank ``rank``."""
+        return int(rank) // self.k
+
     def mpiexec_argv(self, argv, n=None):
-        n = self.n if n is None else int(n)
-        if not 1 <= n <= self.n:
-            raise ValueError(f"n must be in 1..{self.n}")
+        """mpiexec for ``n`` ranks (default all ``size``), k per namespace in blocks."""
+        n = self.size if n is None else int(n)
+        if not 1 <= n <= self.size:
+            raise ValueError(f"n must be in 1..{self.size} (ranks), got {n}")
         return ["ip", "netns", "exec", self.br, mpiexec_path(), "-iface", "br0",
                 "-launcher", "ssh", "-launcher-exec", str(NSEXEC), "-f", self.hostfile,
                 "-np", str(n), *map(str, argv)]
 
     def env(self, extra=None):
         env = dict(os.environ)
-        env.update(MPI_ENV)
+        env.update(MPI_ENV if self.k == 1 else MPI_ENV_MACHINES)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
         env.update(extra or {})
         return env
 
     def run(self, argv, *, n=None, timeout=300, env=None, stream=False):
-        """Run ``argv`` on ``n`` ranks (one per namespace). Returns (returncode, output).
+        """Run ``argv`` on ``n`` ranks (default all; k per namespace). Returns (returncode,
+        output).
 
         The job runs in its own process group; on timeout or interrupt the group and every
         process left inside our namespaces are killed before this returns or re-raises."""
@@ -418,6 +453,71 @@ def check_transfer(cluster, nbytes, reps=3, timeout=120):
     return res
 
 
+def check_machines(cluster, nbytes, timeout=120):
+    """Machines of k ranks: every rank's ``COMM_TYPE_SHARED`` members, its namespace,
+    and two transfers from rank 0 (to rank 1 on its machine, to rank k on the next one)
+    with the namespace's NIC counters around each and the shaped links' tc counters
+    around the whole job.  ``machine_failures`` judges the result."""
+    if cluster.k < 2 or cluster.n < 2:
+        raise ValueError("the machine proof needs >= 2 machines of >= 2 ranks")
+    with tempfile.TemporaryDirectory(prefix=f"{cluster.prefix}-m-") as tmp:
+        out_json = os.path.join(tmp, "machines.json")
+        before = cluster.link_bytes()
+        rc, out = cluster.run([venv_python(), "-m", "mpi4py", str(MACHINES), str(nbytes),
+                               out_json], timeout=timeout)
+        after = cluster.link_bytes()
+        if rc != 0 or not os.path.exists(out_json):
+            raise NetemError(f"machine probe failed (rc={rc}):\n{out}")
+        with open(out_json) as f:
+            res = json.load(f)
+    res["k"] = cluster.k
+    res["link_bytes_delta"] = {m: {w: after[m][w] - before[m][w] for w in ("tx", "rx")}
+                               for m in after}
+    res["gbit_per_s"] = cluster.gbit
+    res["burst_bytes"] = cluster.burst_bytes
+    if cluster.gbit:
+        res["lower_bound_seconds"] = (max(nbytes - cluster.burst_bytes, 0) * 8
+                                      / (cluster.gbit * 1e9))
+    return res
+
+
+def machine_failures(res):
+    """What is wrong with a ``check_machines`` result ([] when the cluster is right):
+    the shared communicator of every rank is its machine (ranks m*k .. m*k+k-1), ranks
+    share a namespace exactly when they share a machine, the in-machine transfer moved
+    nothing over ``eth0`` or ``lo`` (shared memory), and the cross-machine transfer went
+    over the shaped link: machine 0's tc counter grew by the payload (and by less than
+    twice it: the in-machine copy did not cross), no faster than the link allows."""
+    k, size, nbytes = res["k"], res["size"], res["nbytes"]
+    bad = []
+    for r, members in enumerate(res["groups"]):
+        want = list(range(r // k * k, min(r // k * k + k, size)))
+        if sorted(members) != want:
+            bad.append(f"rank {r}: COMM_TYPE_SHARED holds {sorted(members)}, machine is {want}")
+    for r, ino in enumerate(res["netns"]):
+        for q, other in enumerate(res["netns"][:r]):
+            if (ino == other) != (r // k == q // k):
+                bad.append(f"ranks {q} and {r}: namespaces {other} / {ino} do not follow "
+                           f"the machines")
+    intra, cross = res["intra"], res["cross"]
+    leaked = intra["eth0_tx"] + intra["lo_tx"]
+    if leaked > nbytes // 10:
+        bad.append(f"in-machine transfer of {nbytes} B moved {intra['eth0_tx']} B over eth0 "
+                   f"and {intra['lo_tx']} B over lo: not shared memory")
+    if cross["eth0_tx"] < nbytes:
+        bad.append(f"cross-machine transfer of {nbytes} B moved only {cross['eth0_tx']} B "
+                   f"over eth0")
+    tc0 = res["link_bytes_delta"][0]["tx"]
+    if not nbytes <= tc0 < 2 * nbytes:
+        bad.append(f"machine 0's shaped link carried {tc0} B for one {nbytes} B transfer "
+                   f"across and one inside (expected [{nbytes}, {2 * nbytes}))")
+    lower = res.get("lower_bound_seconds")
+    if lower and cross["seconds"] < lower:
+        bad.append(f"cross-machine transfer took {cross['seconds']:.3f} s < {lower:.3f} s: "
+                   f"not limited")
+    return bad
+
+
 # --------------------------------------------------------------------------- CLI
 
 def _raise_on_signals():
@@ -430,7 +530,11 @@ def _raise_on_signals():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--np", type=int, default=2, help="ranks = namespaces (default 2)")
+    ap.add_argument("--np", type=int, default=2,
+                    help="ranks (default 2); namespaces = np / --ranks-per-machine")
+    ap.add_argument("--ranks-per-machine", type=int, default=1, metavar="K",
+                    help="ranks per namespace (machine), sharing memory inside it; only "
+                         "the links between machines are shaped (default 1)")
     ap.add_argument("--gbit", type=float, default=1.0,
                     help="per-rank link rate in Gbit/s, each direction (default 1); 0 = unlimited")
     ap.add_argument("--delay-ms", type=float, default=0.0,
@@ -461,6 +565,21 @@ def main(argv=None):
     _raise_on_signals()
     gbit = None if a.gbit == 0 else a.gbit
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    k = a.ranks_per_machine
+    if k < 1 or a.np < 1 or a.np % k:
+        ap.error(f"--np {a.np} must be a positive multiple of --ranks-per-machine {k}")
+    if a.check and k > 1:
+        with Cluster(2, gbit, mtu=a.mtu, tag=a.tag, ranks_per_machine=k) as c:
+            res = check_machines(c, a.check_bytes)
+        print(json.dumps(res, indent=1))
+        bad = machine_failures(res)
+        print(f"2 machines x {k} ranks: shared comms {res['groups']}; in-machine "
+              f"{a.check_bytes} B in {res['intra']['seconds']:.3f} s with "
+              f"{res['intra']['eth0_tx']} B on eth0, {res['intra']['lo_tx']} B on lo; "
+              f"cross-machine in {res['cross']['seconds']:.3f} s, machine 0's link carried "
+              f"{res['link_bytes_delta'][0]['tx']} B -> "
+              + ("machines are right" if not bad else "WRONG: " + "; ".join(bad)))
+        return 0 if not bad else 1
     if a.check:
         with Cluster(2, gbit, delay_ms=a.delay_ms, mtu=a.mtu, tag=a.tag) as c:
             res = check_transfer(c, a.check_bytes)
@@ -476,16 +595,20 @@ def main(argv=None):
         return 0
     if not cmd:
         ap.error("give a command after --, or --check / --cleanup / --list")
-    with Cluster(a.np, gbit, delay_ms=a.delay_ms, mtu=a.mtu, tag=a.tag) as c:
-        print(f"cluster.py: {c.prefix}: {a.np} ranks, "
+    with Cluster(a.np // k, gbit, delay_ms=a.delay_ms, mtu=a.mtu, tag=a.tag,
+                 ranks_per_machine=k) as c:
+        print(f"cluster.py: {c.prefix}: {a.np} ranks"
+              + (f" on {c.n} machines of {k}" if k > 1 else "") + ", "
               f"{'unlimited' if gbit is None else f'{gbit:g} Gbit/s'} per link", file=sys.stderr)
         before = c.link_bytes()
         rc, _ = c.run(cmd, timeout=a.timeout, stream=True)
         after = c.link_bytes()
         moved = {r: (after[r]["tx"] - before[r]["tx"], after[r]["rx"] - before[r]["rx"])
                  for r in after}
-        print("cluster.py: bytes over each rank's link (sent, received): "
-              + ", ".join(f"r{r}={s}/{v}" for r, (s, v) in moved.items()), file=sys.stderr)
+        print(f"cluster.py: bytes over each {'rank' if k == 1 else 'machine'}'s link "
+              "(sent, received): "
+              + ", ".join(f"{'r' if k == 1 else 'm'}{r}={s}/{v}" for r, (s, v) in moved.items()),
+              file=sys.stderr)
     return rc
 
 
