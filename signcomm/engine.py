@@ -35,7 +35,8 @@ from .contribution import Contribution, RPolicy
 from .kernels import _step
 from .kernels.rules import VoteRule
 from .buckets import plan_buckets
-from .vote import make_schedule
+from .hierarchy import shard_bucket, shard_span
+from .vote import VoteHandle, make_schedule
 
 MOMENTUM_INITS = ("first", "zero")
 MODE_LERP, MODE_COPY, MODE_SCALE = _step.MODE_LERP, _step.MODE_COPY, _step.MODE_SCALE
@@ -44,9 +45,16 @@ MODE_LERP, MODE_COPY, MODE_SCALE = _step.MODE_LERP, _step.MODE_COPY, _step.MODE_
 class Layout:
     """The buckets of one list of parameters and their momentum: two flat fp32 buffers
     per bucket on the parameters' device (side ``cur[b]`` holds v_{t-1}; step t writes
-    v_t into the other side, which becomes ``cur`` at ``commit``)."""
+    v_t into the other side, which becomes ``cur`` at ``commit``).
 
-    def __init__(self, params, bucket_elements=None, *, buckets=None):
+    ``whole[b]`` is bucket b; ``buckets[b]`` the part of it this rank votes on: the whole
+    bucket in a flat vote, shard i of k in the hierarchical vote (``shard=(k, i)``), whose
+    momentum is the shard's only (per-parameter views are then flat: a parameter's share
+    of the shard, maybe empty).  The hierarchical layout also holds, per bucket, the
+    gradients to send (``staged``: k shards of ``spans[b]`` coordinates) and the
+    machine's mean of this rank's shard (``mean``)."""
+
+    def __init__(self, params, bucket_elements=None, *, buckets=None, shard=None):
         """Buckets planned greedily from ``params`` (``bucket_elements`` coordinates at
         most, positions numbered from 0 in order), or the given ``buckets`` (a face
         whose buckets are decided elsewhere, e.g. DDP's: each ``Bucket(params, sizes,
@@ -59,13 +67,22 @@ class Layout:
         self.device = devices.pop() if devices else torch.device("cpu")
         self.params = list(params)
         self.key = tuple(id(p) for p in self.params)
-        self.buckets = buckets if buckets is not None else plan_buckets(self.params, bucket_elements)
+        self.whole = buckets if buckets is not None else plan_buckets(self.params, bucket_elements)
+        self.buckets, self.spans, self.staged, self.mean = self.whole, None, None, None
+        if shard is not None:
+            k, i = shard
+            self.buckets = [shard_bucket(b, k, i) for b in self.whole]
+            self.spans = [shard_span(b.d, k) for b in self.whole]
+            self.staged = [torch.zeros(k * s, dtype=torch.float32, device=self.device)
+                           for s in self.spans]
+            self.mean = [torch.zeros(s, dtype=torch.float32, device=self.device) for s in self.spans]
         self.flat, self.views, self.cur = [], [], [0] * len(self.buckets)
         for b in self.buckets:
             pair = [torch.empty(b.d, dtype=torch.float32, device=self.device) for _ in range(2)]
             starts = np.concatenate([[0], np.cumsum(b.sizes)]).astype(np.int64).tolist()
             self.flat.append(pair)
-            self.views.append([[side[starts[j]:starts[j + 1]].view(p.shape)
+            self.views.append([[side[starts[j]:starts[j + 1]] if shard is not None else
+                                side[starts[j]:starts[j + 1]].view(p.shape)
                                 for j, p in enumerate(b.params)] for side in pair])
 
     def momentum(self, bi, j):
@@ -98,17 +115,27 @@ class VoteEngine:
     Args: ``transport``; ``rule`` (a ``VoteRule``); ``schedule`` name; ``seed``;
     ``contribution`` ("sr" or "sign"); ``R`` (policy, for "sr"); ``momentum_init``
     ("first": v_1 = g_1, eq. 9; "zero": v_0 = 0); ``invert`` (a Byzantine rank);
-    ``backend`` ("auto", "numba", "torch" or a Backend); ``bucket_elements``."""
+    ``backend`` ("auto", "numba", "torch" or a Backend); ``bucket_elements``;
+    ``hierarchy`` (a ``signcomm.hierarchy.Hierarchy``: the hierarchical vote, whose
+    machines vote as the nodes, each rank on its shard, keyed as its machine; None: flat).
+
+    The hierarchical step adds, before ``prepare``: ``stage`` (each bucket's gradients
+    into its send buffer, with their finite check), ``start_control`` on the staged
+    buckets (agreement, finite gradients), ``reduce`` (the machine mean of this rank's
+    shard) and ``mean_segments`` (what ``prepare`` takes as the gradients)."""
 
     def __init__(self, transport, *, rule: VoteRule, schedule: str = "allgather", seed: int = 0,
                  contribution: str = "sr", R="global", momentum_init: str = "first",
-                 invert: bool = False, backend="auto", bucket_elements: int = 1 << 22):
+                 invert: bool = False, backend="auto", bucket_elements: int = 1 << 22,
+                 hierarchy=None):
         if momentum_init not in MOMENTUM_INITS:
             raise ValueError(f"momentum_init must be one of {MOMENTUM_INITS}, got {momentum_init!r}")
         self.transport = transport
         self.rule = rule
-        self.schedule = make_schedule(schedule, transport, rule=rule, seed=seed)
-        self.contribution = Contribution(contribution, seed=seed, rank=transport.rank,
+        self.hierarchy = hierarchy
+        voters = transport if hierarchy is None else hierarchy.cross  # rank: the node's index
+        self.schedule = make_schedule(schedule, voters, rule=rule, seed=seed)
+        self.contribution = Contribution(contribution, seed=seed, rank=voters.rank,
                                          invert=invert)
         self.policy = RPolicy(R if contribution == "sr" else None)
         self.momentum_init = momentum_init
@@ -127,7 +154,9 @@ class VoteEngine:
         starts with the momentum of ``prepare``'s ``prev`` arguments)."""
         key = tuple(id(p) for p in params)
         if self.layout is None or self.layout.key != key:
-            self.layout = Layout(params, self.bucket_elements)
+            h = self.hierarchy
+            self.layout = Layout(params, self.bucket_elements,
+                                 shard=None if h is None else (h.k, h.local_rank))
         return self.layout
 
     def backend(self, device):
@@ -139,11 +168,14 @@ class VoteEngine:
             backend = self.backend(layout.device).name
         except BackendError:  # prepare() reports it; the signature still has to be sent
             backend = str(self.backend_spec)
-        return {"device": layout.device.type, "backend": backend,
-                "schedule": self.schedule.name, "variant": self.rule.variant,
-                "tie": self.rule.tie, "contribution": self.contribution.kind,
-                "R": str(self.policy.R), "seed": self.contribution.seed,
-                "momentum_init": self.momentum_init, "bucket_elements": self.bucket_elements}
+        sig = {"device": layout.device.type, "backend": backend,
+               "schedule": self.schedule.name, "variant": self.rule.variant,
+               "tie": self.rule.tie, "contribution": self.contribution.kind,
+               "R": str(self.policy.R), "seed": self.contribution.seed,
+               "momentum_init": self.momentum_init, "bucket_elements": self.bucket_elements}
+        if self.hierarchy is not None:
+            sig["hierarchy"] = tuple(self.hierarchy.describe().items())
+        return sig
 
     # -- 1. local work -------------------------------------------------------------------
     def prepare(self, layout: Layout, bi: int, grads, betas, prev, names) -> Prepared:
@@ -160,13 +192,6 @@ class VoteEngine:
         try:
             backend = self.backend(layout.device)
             for j, g in enumerate(grads):
-                if g.is_sparse:
-                    raise TypeError("sparse gradients are not supported")
-                if g.device != layout.device:
-                    raise BackendError(f"gradient of {names[j]} is on {g.device}, its parameter "
-                                       f"on {layout.device}")
-                if g.dtype != torch.float32 or not g.is_contiguous():
-                    g = g.float().contiguous()
                 out = layout.written(bi, j)
                 v = None
                 if prev[j] is None:
@@ -175,19 +200,70 @@ class VoteEngine:
                 else:
                     v = layout.momentum(bi, j)
                     if prev[j] is not v:  # loaded or set from outside: take its values
+                        if prev[j].numel() != v.numel():
+                            raise ValueError(f"the momentum given for {names[j]} has "
+                                             f"{prev[j].numel()} values, this rank keeps {v.numel()}")
                         v.reshape(-1).copy_(prev[j].detach().reshape(-1))
                     mode = MODE_LERP
-                gm, vm = backend.momentum(None if v is None else v.reshape(-1), g.reshape(-1),
-                                          out.reshape(-1), betas[j], mode)
-                if gm >= NONFINITE_BITS:
-                    bad.append(names[j])
-                elif vm >= NONFINITE_BITS:  # finite g, but v_t overflowed fp32
-                    bad.append(f"{names[j]} (its momentum overflowed fp32: |g| near 3.4e38)")
-                vmax[j] = bits_to_float(vm) if vm < NONFINITE_BITS else 0.0
+                vmax[j] = self._momentum(backend, layout, g, names[j], v, out, betas[j], mode, bad)
             flat = backend.from_torch(layout.flat[bi][1 - layout.cur[bi]])
         except (BackendError, TypeError, ValueError) as exc:
             error, flat = f"{type(exc).__name__}: {exc}", None
         return Prepared(bi, flat, vmax, bad, time.perf_counter() - t0, error)
+
+    @staticmethod
+    def _momentum(backend, layout, g, name, v, out, beta, mode, bad):
+        """eq. (9) of one tensor into ``out`` (``mode``: lerp, copy or scale), fused with
+        the finite check of ``g`` (``name`` joins ``bad``) and max |v_t| (returned)."""
+        if g.is_sparse:
+            raise TypeError("sparse gradients are not supported")
+        if g.device != layout.device:
+            raise BackendError(f"gradient of {name} is on {g.device}, its parameter "
+                               f"on {layout.device}")
+        if g.dtype != torch.float32 or not g.is_contiguous():
+            g = g.float().contiguous()
+        gm, vm = backend.momentum(None if v is None else v.reshape(-1), g.reshape(-1),
+                                  out.reshape(-1), beta, mode)
+        if gm >= NONFINITE_BITS:
+            bad.append(name)
+        elif vm >= NONFINITE_BITS:  # finite g, but v_t overflowed fp32
+            bad.append(f"{name} (its momentum overflowed fp32: |g| near 3.4e38)")
+        return bits_to_float(vm) if vm < NONFINITE_BITS else 0.0
+
+    # -- 0. the hierarchical vote: the machine's mean gradient ------------------------------
+    def stage(self, layout: Layout, bi: int, grads, names) -> Prepared:
+        """Copy bucket ``bi``'s gradients (``grads[j]`` of parameter j) into its send
+        buffer, fused with their finite check; ``start_control`` on the staged buckets
+        then agrees and raises any error on every rank before anything is sent."""
+        t0 = time.perf_counter()
+        bad, error = [], None
+        try:
+            backend = self.backend(layout.device)
+            start = 0
+            for j, (g, size) in enumerate(zip(grads, layout.whole[bi].sizes.tolist())):
+                self._momentum(backend, layout, g, names[j], None,
+                               layout.staged[bi][start:start + size], 1.0, MODE_COPY, bad)
+                start += size
+        except (BackendError, TypeError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        return Prepared(bi, None, np.zeros(len(layout.whole[bi].params), np.float64), bad,
+                        time.perf_counter() - t0, error)
+
+    def reduce(self, layout: Layout, staged):
+        """The machine's mean gradient of this rank's shard of each staged bucket (one
+        alltoall each inside the machine, all posted before the first is waited for)."""
+        t0 = time.perf_counter()
+        handles = [self.hierarchy.start_mean(layout.staged[p.bi], layout.spans[p.bi],
+                                             name=f"signcomm.b{p.bi}.mean") for p in staged]
+        for p, handle in zip(staged, handles):
+            self.hierarchy.finish_mean(handle, layout.mean[p.bi])
+        return time.perf_counter() - t0
+
+    def mean_segments(self, layout: Layout, bi: int):
+        """The machine mean of this rank's shard of bucket ``bi``, one flat tensor per
+        parameter (its share of the shard, maybe empty): ``prepare``'s gradients."""
+        sizes = layout.buckets[bi].sizes.tolist()
+        return list(layout.mean[bi][:sum(sizes)].split(sizes))
 
     # -- 2. control ----------------------------------------------------------------------
     def start_control(self, layout: Layout, prepared, signature, what, *, name=None):
@@ -223,8 +299,14 @@ class VoteEngine:
         packed, p.clamped = self.contribution.pack(backend, p.v, self.step, r=r,
                                                    seg_sizes=b.sizes, offset=b.offset)
         p.seconds += time.perf_counter() - t0
-        p.handle = self.schedule.start(packed, b.d, self.step, b.offset, backend=backend,
-                                       name=name or f"signcomm.b{p.bi}")
+        name = name or f"signcomm.b{p.bi}"
+        if self.hierarchy is None:
+            p.handle = self.schedule.start(packed, b.d, self.step, b.offset, backend=backend,
+                                           name=name)
+        else:  # the machines' vote of this shard, then the whole vote inside the machine
+            p.handle = VoteHandle(self.hierarchy.rounds(
+                self.schedule, packed, b.d, layout.whole[p.bi].d, layout.spans[p.bi], self.step,
+                b.offset, backend=backend, name=name))
         return p.handle
 
     # -- 4. commit, 5. apply --------------------------------------------------------------
@@ -237,8 +319,8 @@ class VoteEngine:
         ``wds[j]`` its group's lr and weight decay)."""
         backend = self.backend(layout.device)
         start = 0
-        for j, (p, size) in enumerate(zip(layout.buckets[bi].params,
-                                          layout.buckets[bi].sizes.tolist())):
+        for j, (p, size) in enumerate(zip(layout.whole[bi].params,
+                                          layout.whole[bi].sizes.tolist())):
             x = p.detach()
             if x.is_contiguous():
                 backend.apply(x.view(-1), vote, start, lrs[j], wds[j])

@@ -142,9 +142,17 @@ class Schedule:
 
     def start(self, packed, d: int, step: int, offset: int = 0, *, backend=None,
               name: str | None = None) -> VoteHandle:
+        return VoteHandle(self.rounds(packed, d, step, offset, backend=backend, name=name))
+
+    def rounds(self, packed, d: int, step: int, offset: int = 0, *, backend=None,
+               name: str | None = None):
+        """The vote as a generator of rounds (what ``start`` wraps in a ``VoteHandle``):
+        it yields each round's posted collective, is sent its result, and returns the
+        ``Vote``.  A driver with rounds of its own around the vote (the hierarchical vote,
+        ``signcomm.hierarchy``) delegates to it with ``yield from``."""
         packed = self._check(packed, d)
         b = backend_for(packed, backend)
-        return VoteHandle(self._rounds(packed, int(d), step, offset, b, name or self.name))
+        return self._rounds(packed, int(d), step, offset, b, name or self.name)
 
     def vote(self, packed, d: int, step: int, offset: int = 0, *, backend=None) -> K.Vote:
         return self.start(packed, d, step, offset, backend=backend).finish()

@@ -229,6 +229,18 @@ class Transport:
         the elementwise max of ``values`` over ranks."""
         return Agreement(self, signature, error, what, values, channel, name)
 
+    # -- sub-groups (the hierarchical vote) ---------------------------------------------
+    def split(self, color: int, key: int, *, tag=None) -> "Transport":
+        """A transport over the ranks that pass the same ``color``, ranked by ``key``
+        (collective), sharing this transport's ledger.  Only MPI has it so far."""
+        raise TransportError(f"the {self.name} transport cannot make sub-groups yet, so the "
+                             "hierarchical vote (hierarchy= / ranks_per_node=) needs the MPI "
+                             "transport (transport='mpi', under mpirun)")
+
+    def host_id(self) -> int:
+        """An id shared by exactly the ranks on this rank's host (collective)."""
+        return self.split(0, 0).host_id()  # raises the clear error above
+
     # -- engine hooks: the default posts a blocking call -------------------------------
     def _start_allgather(self, buf, channel, name):
         out = self._allgather(buf)

@@ -59,14 +59,16 @@ class MPITransport(Transport):
     name = "mpi"
 
     def __init__(self, comm=None, *, abort_on_error: bool = True,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, channels=None):
         super().__init__()
         MPI = import_mpi()
         self.MPI = MPI
         if not MPI.Is_initialized():
             MPI.Init()  # normally done by importing mpi4py.MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
-        self.comms = _channel_comms(self.comm, self.CHANNELS)
+        # ``channels``: the per-channel communicators, made by ``split``
+        self.comms = list(channels) if channels is not None else \
+            _channel_comms(self.comm, self.CHANNELS)
         self.max_message_bytes = int(max_message_bytes)
         self.cuda_aware = _mpi_cuda_aware(MPI)
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -83,6 +85,43 @@ class MPITransport(Transport):
 
     def barrier(self):
         self.comm.Barrier()
+
+    # -- sub-groups (the hierarchical vote, ``signcomm.hierarchy``) ----------------------
+    def split(self, color: int, key: int, *, tag=None) -> "MPITransport":
+        """A transport over the ranks of this one that pass the same ``color``, ranked by
+        ``key`` (``Comm.Split``; collective: every rank calls it, in the same order).  It
+        shares this transport's ledger.  On ``COMM_WORLD``, a ``tag`` that names the whole
+        grouping (the same on every rank) makes the communicators once per (tag, color,
+        key) and shares them with later transports, so a job that builds many optimizers
+        does not use up MPI's communicator ids."""
+        world = self.MPI.Comm.Compare(self.comm, self.MPI.COMM_WORLD) == self.MPI.IDENT
+        cache = ("split", tag, int(color), int(key)) if world and tag is not None else None
+        if cache is not None and cache in _CHANNELS:
+            comms = _CHANNELS[cache]
+        else:
+            sub = self.comm.Split(int(color), int(key))
+            comms = [sub] + [sub.Dup() for _ in range(self.CHANNELS - 1)]
+            if cache is not None:
+                _CHANNELS[cache] = comms
+        out = MPITransport(comms[0], abort_on_error=False,
+                           max_message_bytes=self.max_message_bytes, channels=comms)
+        out.ledger = self.ledger
+        return out
+
+    def host_id(self) -> int:
+        """The lowest rank (of this transport) on this rank's host: ranks that can share
+        memory (``MPI.COMM_TYPE_SHARED``) get the same id.  Collective."""
+        world = self.MPI.Comm.Compare(self.comm, self.MPI.COMM_WORLD) == self.MPI.IDENT
+        if world and "host_id" in _CHANNELS:
+            return _CHANNELS["host_id"]
+        shared = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            hid = int(shared.allreduce(self.rank, op=self.MPI.MIN))
+        finally:
+            shared.Free()
+        if world:
+            _CHANNELS["host_id"] = hid
+        return hid
 
     # -- buffers: what MPI reads and writes, and the result in the caller's kind -------
     def _stage(self, buf):

@@ -18,6 +18,7 @@ from ..backends import BackendError
 from ..comm.base import Transport
 from ..contribution import KINDS as CONTRIBUTIONS, RPolicy
 from ..engine import MOMENTUM_INITS, VoteEngine
+from ..hierarchy import check_options as check_hierarchy, make_hierarchy
 from ..kernels.rules import VoteRule
 from ..vote import SCHEDULES
 from .buckets import DEFAULT_BUCKET_ELEMENTS
@@ -59,6 +60,14 @@ class MVSM(torch.optim.Optimizer):
         backend: where the kernels run (``signcomm.backends``): "auto" (numba for CPU
             parameters, torch ops for CUDA ones), "numba" (CPU only), "torch" (any
             device; bit-identical to numba on CPU), or a Backend.
+        hierarchy: None (a flat vote of every rank) or "host": the hierarchical vote
+            (``signcomm.hierarchy``), machines found from the host (ranks that share
+            memory): the ranks of a machine average their gradients exactly, each keeps
+            the momentum of its shard, and the machines vote, one bit each.
+        ranks_per_node: the hierarchical vote with an explicit layout: machine m holds
+            ranks m*k .. m*k+k-1 (``k = ranks_per_node``; tests and emulated clusters).
+            Every machine must hold the same k (refused on every rank otherwise).  The
+            run is MVSM on H = size / k nodes whose gradients are the machine means.
 
     Parameters may live on CPU or on one CUDA device: momentum, S_R and packing stay
     there; only the packed bits go to the transport.
@@ -74,7 +83,7 @@ class MVSM(torch.optim.Optimizer):
                  seed: int = 0, tie: str = "coin", *, contribution: str = "sr",
                  momentum_init: str = "first", byzantine: bool = False,
                  bucket_elements: int = DEFAULT_BUCKET_ELEMENTS, lockstep_every: int = 0,
-                 overlap: bool = False, backend="auto"):
+                 overlap: bool = False, backend="auto", hierarchy=None, ranks_per_node=None):
         check_lr(lr)
         check_beta(beta)
         rule = VoteRule(variant, tie)
@@ -90,8 +99,15 @@ class MVSM(torch.optim.Optimizer):
             raise ValueError(f"transport must be 'mpi', 'horovod', a Transport or None, got {transport!r}")
         if isinstance(bucket_elements, bool) or not (isinstance(bucket_elements, int) and bucket_elements >= 1):
             raise ValueError(f"bucket_elements must be an int >= 1, got {bucket_elements!r}")
+        if check_hierarchy(hierarchy, ranks_per_node) is not None and overlap:
+            raise ValueError("overlap=True does not support the hierarchical vote yet "
+                             "(hierarchy= / ranks_per_node=): use the synchronous step")
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay))
         self.transport = get_transport(transport)
+        self.hierarchy = make_hierarchy(self.transport, hierarchy, ranks_per_node)
+        # the momentum a parameter's state holds: the whole tensor's, or (hierarchical
+        # vote) the flat share of it in this rank's shards
+        self.momentum_key = "momentum_buffer" if self.hierarchy is None else "momentum_shard"
         self.variant, self.schedule_name, self.tie = variant, schedule, tie
         self.contribution, self.momentum_init, self.seed = contribution, momentum_init, int(seed)
         self.R = R
@@ -100,7 +116,7 @@ class MVSM(torch.optim.Optimizer):
         self.engine = VoteEngine(self.transport, rule=rule, schedule=schedule, seed=seed,
                                  contribution=contribution, R=R, momentum_init=momentum_init,
                                  invert=byzantine, backend=backend,
-                                 bucket_elements=self.bucket_elements)
+                                 bucket_elements=self.bucket_elements, hierarchy=self.hierarchy)
         self.stats = {}
         self._overlap = None
         if overlap:
@@ -137,13 +153,15 @@ class MVSM(torch.optim.Optimizer):
         """No momentum (beta = 1 with v_1 = g_1): v_t = g_t, nothing stored."""
         return group["beta"] == 1.0 and self.momentum_init == "first"
 
-    def prepare_bucket(self, layout, bi, entries):
-        """The engine's ``prepare`` for bucket ``bi`` from the parameters' gradients,
-        their groups' beta and their stored momentum."""
+    def prepare_bucket(self, layout, bi, entries, grads=None):
+        """The engine's ``prepare`` for bucket ``bi`` from the parameters' gradients (or
+        ``grads``: the machine means of the hierarchical vote), their groups' beta and
+        their stored momentum."""
         groups = [g for g, _, _ in entries]
         return self.engine.prepare(
-            layout, bi, [p.grad.detach() for _, p, _ in entries], [g["beta"] for g in groups],
-            [None if self._stateless(g) else self.state[p].get("momentum_buffer")
+            layout, bi, [p.grad.detach() for _, p, _ in entries] if grads is None else grads,
+            [g["beta"] for g in groups],
+            [None if self._stateless(g) else self.state[p].get(self.momentum_key)
              for g, p, _ in entries],
             [name for _, _, name in entries])
 
@@ -161,7 +179,21 @@ class MVSM(torch.optim.Optimizer):
         self.engine.commit(layout, bi)
         for j, (group, p, _) in enumerate(entries):
             if not self._stateless(group):
-                self.state[p]["momentum_buffer"] = layout.momentum(bi, j)
+                self.state[p][self.momentum_key] = layout.momentum(bi, j)
+
+    def _machine_means(self, layout, slices, present, step):
+        """The hierarchical vote's first half: stage every bucket's gradients, agree
+        (layout, settings, finite gradients: an error on every rank before anything is
+        sent), and take the machine's mean of this rank's shard of each bucket."""
+        engine = self.engine
+        staged = [engine.stage(layout, bi, [p.grad.detach() for _, p, _ in present[sl]],
+                               [name for _, _, name in present[sl]])
+                  for bi, sl in enumerate(slices)]
+        engine.start_control(layout, staged, self.signature(present),
+                             f"the machine means of optimizer step {step} (parameter layout, "
+                             "settings and gradients)").wait()
+        engine.reduce(layout, staged)
+        return [engine.mean_segments(layout, bi) for bi in range(len(slices))]
 
     def apply_bucket(self, layout, bi, entries, vote):
         self.engine.apply(layout, bi, vote, [g["lr"] for g, _, _ in entries],
@@ -197,7 +229,12 @@ class MVSM(torch.optim.Optimizer):
             for b in buckets:
                 slices.append(slice(first, first + len(b.params)))
                 first += len(b.params)
-            prepared = [self.prepare_bucket(layout, bi, present[sl]) for bi, sl in enumerate(slices)]
+            means = None
+            if engine.hierarchy is not None and layout is not None:
+                means = self._machine_means(layout, slices, present, step)
+            prepared = [self.prepare_bucket(layout, bi, present[sl],
+                                            None if means is None else means[bi])
+                        for bi, sl in enumerate(slices)]
             control = engine.start_control(layout, prepared, self.signature(present),
                                            f"the vote of optimizer step {step} (parameter "
                                            "layout, settings and gradients)") \
