@@ -43,6 +43,8 @@ VALUES = {
     "lockstep_every": [0, 2],
     "overlap": [False, True],
     "backend": ["auto", "numba", "torch"],
+    "hierarchy": [None, "host"],
+    "ranks_per_node": [None, 1],
 }
 
 

@@ -9,7 +9,9 @@ table of docs/algorithms.md counts), computed from the real buffer sizes of each
 The MPI library may pick another algorithm; the wire bytes then differ, the data does not.
 
 Each record has a ``kind``: "data" for the payload of a vote, "control" for the small
-calls around it (consistency checks, shared R).
+calls around it (consistency checks, shared R), "local" for the hierarchical vote's calls
+inside a machine (the gradients' reduce-scatter, the voted bits' allgather), so "data" is
+what crosses machines.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ class StepSummary:
     seconds: float = 0.0
     data_bytes_sent: int = 0
     data_bytes_received: int = 0
+    local_bytes_sent: int = 0
+    local_bytes_received: int = 0
     by_op: dict = field(default_factory=dict)
 
     def add(self, rec: Record):
@@ -48,6 +52,9 @@ class StepSummary:
         if rec.kind == "data":
             self.data_bytes_sent += rec.bytes_sent
             self.data_bytes_received += rec.bytes_received
+        elif rec.kind == "local":
+            self.local_bytes_sent += rec.bytes_sent
+            self.local_bytes_received += rec.bytes_received
         op = self.by_op.setdefault(rec.op, [0, 0, 0, 0.0])
         op[0] += 1
         op[1] += rec.bytes_sent

@@ -22,7 +22,8 @@ from ..hierarchy import check_options as check_hierarchy, make_hierarchy
 from ..kernels.rules import VoteRule
 from ..vote import SCHEDULES
 from .buckets import DEFAULT_BUCKET_ELEMENTS
-from .checkpoint import validate_state
+from ..comm.base import RemoteRankError
+from .checkpoint import MOMENTUM_KEYS, CheckpointError, check_layout, validate_state
 from .common import check_beta, check_group, check_lr, check_weight_decay
 from .lockstep import check_lockstep
 
@@ -75,7 +76,9 @@ class MVSM(torch.optim.Optimizer):
     After each ``step()``, ``self.stats`` holds this rank's figures for the step:
     ``compress_s`` (momentum + R + packing), ``comm_s`` (time inside collectives),
     ``vote_s`` (the vote kernels), ``update_s``, ``bytes_sent``, ``bytes_received`` and
-    ``clamped``.  ``self.transport.ledger`` has every call.
+    ``clamped``; with the hierarchical vote also ``cross_bytes_sent`` /
+    ``cross_bytes_received`` (the machines' vote) and ``local_bytes_sent`` /
+    ``local_bytes_received`` (inside the machine).  ``self.transport.ledger`` has every call.
     """
 
     def __init__(self, params, lr, beta: float = 0.5, variant: str = "v1", R="global",
@@ -265,6 +268,11 @@ class MVSM(torch.optim.Optimizer):
                           bytes_sent=summary.bytes_sent, bytes_received=summary.bytes_received,
                           clamped=sum(p.clamped for p in prepared),
                           step_s=time.perf_counter() - t0)
+        if self.hierarchy is not None:  # the vote among machines; the calls inside one
+            self.stats.update(cross_bytes_sent=summary.data_bytes_sent,
+                              cross_bytes_received=summary.data_bytes_received,
+                              local_bytes_sent=summary.local_bytes_sent,
+                              local_bytes_received=summary.local_bytes_received)
         return loss
 
     # -- checkpoints --------------------------------------------------------------------
@@ -275,25 +283,53 @@ class MVSM(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["signcomm"] = dict(step=self.engine.step, seed=self.seed, rank=self.transport.rank,
                               size=self.transport.size, variant=self.variant)
+        if self.hierarchy is not None:
+            sd["signcomm"]["hierarchy"] = self.layout_record()
         return sd
+
+    def layout_record(self):
+        """The hierarchical layout a checkpoint records (None for a flat vote)."""
+        h = self.hierarchy
+        return None if h is None else dict(h.describe(), bucket_elements=self.bucket_elements,
+                                            machine=h.machine, local_rank=h.local_rank)
 
     def load_state_dict(self, state_dict):
         """Torch's, after ``checkpoint.validate_state`` (shapes, finite momentum, step in
-        range: a ``CheckpointError`` naming the field, nothing changed)."""
-        validate_state([p for g in self.param_groups for p in g["params"]], state_dict)
+        range) and ``checkpoint.check_layout`` (the hierarchical layout that wrote it): a
+        ``CheckpointError`` naming the field, nothing changed.  Under the hierarchical
+        vote loading is collective (every rank loads the file it wrote, at the same
+        time): a rank whose file does not fit raises ``CheckpointError`` and every other
+        rank ``RemoteRankError``; ranks resuming different steps ``RankMismatchError``."""
+        error = None
+        try:
+            validate_state([p for g in self.param_groups for p in g["params"]], state_dict)
+            check_layout(state_dict, self.layout_record())
+        except CheckpointError as exc:
+            error = exc
+        if self.hierarchy is not None:
+            meta = state_dict.get("signcomm") if isinstance(state_dict, dict) else None
+            step = meta.get("step") if isinstance(meta, dict) and error is None else None
+            try:
+                self.transport.agree({"checkpoint step": step}, error=None if error is None
+                                     else f"{type(error).__name__}: {error}",
+                                     what="loading the optimizer's checkpoint")
+            except RemoteRankError:
+                if error is None:
+                    raise
+        if error is not None:
+            raise error
         state_dict = dict(state_dict)
         meta = state_dict.pop("signcomm", None)
         # torch casts floating state to each parameter's dtype on load, which would round
         # an fp16/bf16 parameter's fp32 momentum: keep the saved fp32 tensors instead
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        momenta = {i: state_dict["state"][i]["momentum_buffer"] for i in saved_ids
-                   if "momentum_buffer" in state_dict["state"].get(i, {})}
+        momenta = {(i, key): state_dict["state"][i][key] for i in saved_ids
+                   for key in MOMENTUM_KEYS if key in state_dict["state"].get(i, {})}
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(saved_ids, params):
-            if i in momenta:
-                self.state[p]["momentum_buffer"] = momenta[i].to(device=p.device, dtype=torch.float32,
-                                                                 copy=True)
+        params = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
+        for (i, key), m in momenta.items():
+            p = params[i]
+            self.state[p][key] = m.to(device=p.device, dtype=torch.float32, copy=True)
         if meta is not None:
             self.engine.step = int(meta["step"])
             if int(meta["seed"]) != self.seed:

@@ -35,7 +35,8 @@ it would silently ignore, raises a ``ValueError`` naming the preset and the opti
 The legitimate knobs stay free: ``lr``, ``beta`` of the momentum presets, ``R`` of the
 S_R presets, ``tie`` of the v1 presets, ``weight_decay``, ``schedule``, ``transport``,
 ``seed``, ``byzantine``, ``bucket_elements``, ``lockstep_every``, ``overlap``,
-``backend``.  The optimizer's ``preset`` attribute names the preset it was built from."""
+``backend``, ``hierarchy``, ``ranks_per_node`` (the hierarchical vote: every preset is
+then that method on H machines whose gradients are the means of their k ranks).  The optimizer's ``preset`` attribute names the preset it was built from."""
 from __future__ import annotations
 
 import inspect
