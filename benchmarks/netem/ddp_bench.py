@@ -49,8 +49,9 @@ PORT = 29517
 
 
 # ------------------------------------------------------------------------------ worker
-def nic_bytes():
-    base = Path("/sys/class/net/eth0/statistics")
+def nic_bytes(dev="eth0"):
+    """(tx, rx) bytes of this namespace's ``dev`` so far (0, 0 if it has none)."""
+    base = Path(f"/sys/class/net/{dev}/statistics")
     try:
         return int((base / "tx_bytes").read_text()), int((base / "rx_bytes").read_text())
     except OSError:

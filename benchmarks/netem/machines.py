@@ -19,15 +19,14 @@ import numpy as np
 from mpi4py import MPI
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ddp_bench import nic_bytes  # noqa: E402
+
+
 def nic():
     out = {}
     for dev in ("eth0", "lo"):
-        for way in ("tx", "rx"):
-            try:
-                with open(f"/sys/class/net/{dev}/statistics/{way}_bytes") as f:
-                    out[f"{dev}_{way}"] = int(f.read())
-            except OSError:
-                out[f"{dev}_{way}"] = 0
+        out[f"{dev}_tx"], out[f"{dev}_rx"] = nic_bytes(dev)
     return out
 
 
