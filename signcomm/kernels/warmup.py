@@ -18,6 +18,7 @@ def warmup() -> None:
     for tie in ("coin", "zero"):
         ops.majority_vote(gathered, 77, tie=tie, key=key)
     counts = ops.vote_counts(gathered, 77)
+    ops.vote_values(ops.majority_vote(gathered, 77, tie="zero", key=key), 77)
     words = ops.pack_count_fields(gathered[0], 77, 2)
     wide = ops.unpack_count_fields(words, 77, 2)
     for c in (counts, wide):
@@ -34,3 +35,22 @@ def warmup() -> None:
     for kernel in (_step.apply_serial, _step.apply_parallel):
         for nz in (_step._EMPTY, mask):
             kernel(out, bits, nz, 0, np.float32(-0.1), np.float32(1.0), False)
+
+    # the count-field codec (the allreduce schedule and the Horovod compressors' wires):
+    # every layout family and word type, serial and parallel, and the uint8 counts'
+    # vote; the max |v| of a shared R
+    from . import fields
+    from ..contribution import local_max_abs
+
+    for n in (2, 3):
+        for word in ("int64", "float64"):
+            for radix in (False, True):
+                lay = fields.layout(n, word, radix)
+                for d in (77, (fields.PARALLEL_WORDS + 1) * lay.f):
+                    packed = np.zeros((d + 7) // 8, np.uint8)
+                    words, _ = fields.encode_layout(packed, d, lay)
+                    for dtype in (np.uint8, np.int64):
+                        fields.decode_layout(words, d, lay, n, np.zeros(d, dtype))
+        ops.vote_from_counts(np.zeros(77, np.uint8), n, variant="v1", tie="coin", key=key)
+    for dtype in (np.float32, np.float64):
+        local_max_abs(np.linspace(-1, 1, 77).astype(dtype), np.array([40, 37]))
