@@ -9,7 +9,9 @@ the mean: Sto-signSGD's aggregation) and ``Compression.s1`` (S_R, S_1 of the mea
 aggregation MVSM-v2 applies to momenta, here to raw gradients); S_R uses one R per tensor
 common to all ranks (from the previous step's headers).  The classes ``SignCompressor``,
 ``SRCompressor``, ``S1Compressor`` and ``MajorityVoteCompressor`` take the options (R
-policy, seed, tie rule, process set, wire).  See docs/compressors.md.
+policy, seed, tie rule, process set, wire).  Ranks with different settings raise
+``RankMismatchError`` on every rank; a NaN batch raises ``NonFiniteGradientError`` from the
+optimizer's ``step()`` on every rank and can be skipped.  See docs/compressors.md.
 """
 from .core import (MAX_MESSAGE_WORDS, Compression, MajorityVoteCompressor, S1Compressor,
                    SignCompressor, SRCompressor, rank_key, shared_key)

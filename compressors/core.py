@@ -41,6 +41,14 @@ The step: a compressor counts *phases*; its step advances on the first ``compres
 a ``decompress``.  A DistributedOptimizer compresses every gradient of a step (in its
 hooks) before it decompresses any (in ``synchronize``), so the step is the optimizer's
 step; ``hvd.allreduce(t, compression=c)`` is one step per call.
+
+Agreement (issue 18): every header carries the compressor's ``settings`` (kind, tie, R
+policy and value, seed: ``settings.py``); ranks that differ raise ``RankMismatchError`` on
+every rank, naming the setting.  A NaN/Inf on any rank raises ``NonFiniteGradientError`` on
+every rank and leaves the compressor as before that step (step counter, bounds); under a
+DistributedOptimizer the error is raised by ``step()`` (a step pre-hook), after
+``synchronize()`` has collected every handle, so ``zero_grad()`` and the next batch work
+(docs/compressors.md, "A NaN batch").
 """
 from __future__ import annotations
 
@@ -60,6 +68,7 @@ from signcomm.comm.base import RankMismatchError
 from signcomm.contribution import RPolicy, local_max_abs
 from signcomm.kernels.rules import VoteRule
 
+from . import settings as S
 from . import wire as W
 
 MAX_MESSAGE_WORDS = 2 ** 31 - 1   # Horovod's MPI path passes element counts as int
@@ -138,6 +147,25 @@ def _find_name(tensor, named):
     return None
 
 
+def _synchronizing_optimizer():
+    """The Horovod DistributedOptimizer whose ``synchronize()`` is decompressing (read
+    from the call stack, like ``_caller``), or None (``hvd.allreduce`` and other callers,
+    or an optimizer without torch's step hooks)."""
+    f = sys._getframe(1)
+    for _ in range(8):
+        if f is None:
+            break
+        if f.f_code.co_name == "synchronize" and \
+                str(f.f_globals.get("__name__", "")).startswith("horovod."):
+            opt = f.f_locals.get("self")
+            if isinstance(opt, torch.optim.Optimizer) and \
+                    callable(getattr(opt, "register_step_pre_hook", None)):
+                return opt
+            return None
+        f = f.f_back
+    return None
+
+
 def _caller(depth=2):
     """(name, plain_sum) of the Horovod allreduce that is calling ``compress``: the
     tensor's allreduce name (None if unknown or shared by a group) and whether the op is
@@ -204,6 +232,7 @@ class _Context:
     wire: str = "float64"
     key: object = None        # the tensor's identity for the common R
     r: object = None          # the R this rank's S_R used (None for sign)
+    settings: object = None   # the settings its messages carried
     handles: list = field(default_factory=list)
 
 
@@ -314,6 +343,9 @@ class MajorityVoteCompressor:
         self._phase = "decompress"
         self._k = {}
         self._bounds = {}     # tensor identity -> (E, n): its next common R is W.bound(E, n)
+        self._before = (-1, {})   # (step, bounds) before this phase: restored after a NaN
+        self._nonfinite = []  # this phase's NaN/Inf errors (a DistributedOptimizer's step)
+        self._pending = None  # the optimizer step pre-hook that raises them
         self._warned = False
         self._pool = {}       # (what, length, dtype) -> buffers to reuse once nothing holds them
         self.stats = dict(tensors=0, coordinates=0, messages=0, wire_bytes=0, clamped=0,
@@ -333,6 +365,11 @@ class MajorityVoteCompressor:
     def step(self) -> int:
         """The current step (-1 before the first compress)."""
         return self._step
+
+    @property
+    def settings(self) -> S.Settings:
+        """The settings every message carries for the agreement check (``settings.py``)."""
+        return S.Settings(self.contribute, self.vote, self.tie, self.R, self.seed)
 
     @property
     def common(self) -> bool:
@@ -385,8 +422,13 @@ class MajorityVoteCompressor:
             return tensor, None
         if self._phase != "compress":
             self._phase = "compress"
+            self._before = (self._step, dict(self._bounds))
             self._step += 1
             self._k.clear()
+            self._nonfinite = []
+            if self._pending is not None:   # step() was not called after synchronize()
+                self._pending.remove()
+                self._pending = None
         n, rank = self.group()
         step = self._step
         name, plain_sum = _caller() if self._size is None else (None, None)
@@ -402,13 +444,14 @@ class MajorityVoteCompressor:
         nonce = rank_key(self.seed, K.Purpose.ZERO_COIN, rank, step, d, k + (1 << 40)) >> (
             64 - W.NONCE_BITS)
         parts = W.split(d, n, wire, self.max_message_words)
+        settings = self.settings
         msgs = [W.encode(packed, o, m, n, rank, step=step, nonfinite=nonfinite, nonce=nonce,
-                         wire=wire, exponent=exponent, r_code=r_code,
+                         wire=wire, exponent=exponent, r_code=r_code, settings=settings,
                          out=self._buffer("wire", W.message_words(m, n, wire),
                                           W.message_dtype(wire)))[0]
                 for o, m in parts]
         ctx = _Context(tensor, tuple(tensor.shape), tensor.dtype, tensor.device, d, n, rank,
-                       step, k, parts, wire, key, r)
+                       step, k, parts, wire, key, r, settings)
         self.wire_used = wire
         if len(msgs) > 1:
             if self._size is not None:
@@ -483,8 +526,11 @@ class MajorityVoteCompressor:
 
     def decompress(self, tensor, ctx):
         """Summed wire tensor -> the vote, +1/-1 (0: tie under "zero") in the gradient's
-        dtype, shape and device.  Errors (NaN on some rank, size or group mismatch, an op
-        that is not Sum/Average) are raised here, on every rank."""
+        dtype, shape and device.  Errors (settings, size or group mismatch, an op that is
+        not Sum/Average) are raised here, on every rank.  NaN/Inf on some rank raises
+        ``NonFiniteGradientError`` here too, except under a DistributedOptimizer's
+        ``synchronize()``, which must finish first: there it is raised by the
+        optimizer's ``step()`` (``_defer_nonfinite``)."""
         if ctx is None:
             return tensor
         self._phase = "decompress"
@@ -495,19 +541,13 @@ class MajorityVoteCompressor:
         n, d = ctx.n, ctx.d
         counts = self._buffer("counts", d, W.count_dtype(n))   # scratch, free again below
         describe = lambda: self._describe(ctx)  # noqa: E731  (only built on errors)
-        first = None
-        for (o, m), out in zip(ctx.parts, outputs):
-            dec = W.decode(out.detach().cpu().numpy(), m, n, ctx.rank, counts[o:o + m],
-                           wire=ctx.wire, describe=describe)
-            if first is None:
-                first = dec
-            elif (dec["nonce"], dec["step"]) != (first["nonce"], first["step"]):
-                raise RankMismatchError(
-                    f"{describe()}: message {ctx.parts.index((o, m))} was summed with "
-                    "another tensor's message on some rank (tensors of the same size "
-                    "compressed in different orders on different ranks and too large for "
-                    "one message: give each a distinct size or raise max_message_words)")
-        if self.common:
+        try:
+            first = self._decode(outputs, ctx, counts, describe)
+        except W.NonFiniteGradientError as e:
+            if not self._defer_nonfinite(e):
+                raise
+            return torch.full(ctx.shape, float("nan"), dtype=ctx.dtype, device=ctx.device)
+        if self.common and not self._nonfinite:   # (a NaN step keeps the old bounds)
             if first.exponent is None:   # all zeros on every rank: no bound yet
                 self._bounds.pop(ctx.key, None)
             else:
@@ -538,6 +578,52 @@ class MajorityVoteCompressor:
         if ctx.dtype != torch.float32:
             result = result.to(ctx.dtype)
         return result.view(ctx.shape).to(ctx.device)
+
+    def _decode(self, outputs, ctx, counts, describe):
+        """Decode every summed message of one tensor into ``counts``; the first one's
+        ``wire.Decoded``."""
+        first = None
+        for (o, m), out in zip(ctx.parts, outputs):
+            dec = W.decode(out.detach().cpu().numpy(), m, ctx.n, ctx.rank, counts[o:o + m],
+                           wire=ctx.wire, describe=describe, settings=ctx.settings)
+            if first is None:
+                first = dec
+            elif (dec["nonce"], dec["step"]) != (first["nonce"], first["step"]):
+                raise RankMismatchError(
+                    f"{describe()}: message {ctx.parts.index((o, m))} was summed with "
+                    "another tensor's message on some rank (tensors of the same size "
+                    "compressed in different orders on different ranks and too large for "
+                    "one message: give each a distinct size or raise max_message_words)")
+        return first
+
+    def _defer_nonfinite(self, error) -> bool:
+        """A NaN/Inf on some rank: every rank gets here, for the same tensor.  The step
+        then changes nothing of the compressor: its step counter and the common R's
+        bounds go back to what they were before it (so a skipped batch leaves no trace).
+        Under a DistributedOptimizer's ``synchronize()`` the error waits, so that Horovod
+        collects every handle and the optimizer stays usable: the gradient becomes NaN
+        and a step pre-hook (``torch.optim.Optimizer.register_step_pre_hook``) raises it
+        before the wrapped optimizer updates anything.  Returns whether it waits."""
+        if not self._nonfinite:
+            self._step, bounds = self._before
+            self._bounds = dict(bounds)
+        self._nonfinite.append(str(error))
+        opt = _synchronizing_optimizer()
+        if opt is None:
+            return False
+        if self._pending is None:
+            self._pending = opt.register_step_pre_hook(self._raise_nonfinite)
+        return True
+
+    def _raise_nonfinite(self, optimizer, args, kwargs):
+        """The step pre-hook of a step whose gradients had NaN/Inf on some rank."""
+        self._pending.remove()
+        self._pending = None
+        msgs = sorted(self._nonfinite)   # the same first message on every rank
+        more = f"; {len(msgs) - 1} more tensor(s) of this step too" if len(msgs) > 1 else ""
+        raise W.NonFiniteGradientError(
+            f"{msgs[0]}{more}; optimizer.step() skipped this batch on every rank: call "
+            "zero_grad() and go on with the next one")
 
     def _describe(self, ctx):
         name = _find_name(ctx.tensor, self._named)

@@ -51,7 +51,11 @@ Header words (rank j contributes; the allreduce sums them):
                       common bound 2**(e/q) (``bound``; lo of ``exponent_range``) ...
 12    ``r_code_sq``   ... and its square: n * sum(r**2) == sum(r)**2 iff every rank
                       used the same
-13..  exponent        the rank's e = ``max_exponent(max |g|)``, the least e with
+13..  settings        the rank's settings (``settings.py``: kind, tie, R policy, fixed R,
+                      seed) as ``settings.BINS`` one-bit bins in the wire's own digit
+                      layout (``settings_words`` words): each summed bin counts the
+                      ranks that set it, so every rank sees which settings differ
+ ..   exponent        the rank's e = ``max_exponent(max |g|)``, the least e with
                       2**(e/q) >= max |g| (q = 4 for n <= 15, 2 for n <= 255, else 1),
                       for the common R of the next step (nothing for an all-zero
                       tensor, and for the contributions that do not need it): on
@@ -79,11 +83,14 @@ from signcomm.comm.base import RankMismatchError
 from signcomm.kernels import _fields, fields as codec
 from signcomm.kernels.rng import MASK64, splitmix64
 
+from . import settings as S
+
 HEADER = ("one", "rank", "rank_sq", "size_mod", "size_mod_sq", "size", "popcount", "step",
           "nonfinite", "bad_ranks", "nonce", "r_code", "r_code_sq")
 NAMED = len(HEADER)
 _IDX = {name: i for i, name in enumerate(HEADER)}
-H = NAMED + 1           # header words of the float64 wires (the named words + the exponent)
+H = NAMED + 1           # the fewest header words of a message (the named words and one
+                        # exponent word; the settings bins add ``settings_words(n, wire)``)
 WIRES = ("float64", "int64", "float64-radix", "int64-radix")
 SAFE_BITS = codec.SAFE_BITS
 SIZE_MOD = 1 << 16
@@ -185,13 +192,33 @@ def max_exponent(m: float, n: int):
 
 
 @lru_cache(maxsize=None)
+def settings_words(n: int, wire: str = "float64") -> int:
+    """Header words of the settings bins (``settings.BINS`` digits of the wire's layout)."""
+    return layout(n, wire).data_words(S.BINS)
+
+
+@lru_cache(maxsize=None)
 def header_words(n: int, wire: str = "float64") -> int:
-    """Header words of one message: the named words, then the exponent (one word on
-    float64 wires, a histogram of ``exponent_range`` bins on int64 wires)."""
+    """Header words of one message: the named words, the settings bins, then the
+    exponent (one word on float64 wires, a histogram of ``exponent_range`` bins on int64
+    wires)."""
+    start = NAMED + settings_words(n, wire)
     if is_float(wire):
-        return H
+        return start + 1
     lo, hi = exponent_range(n, wire)
-    return NAMED + layout(n, wire).data_words(hi - lo + 1)
+    return start + layout(n, wire).data_words(hi - lo + 1)
+
+
+@lru_cache(maxsize=256)
+def _settings_region(settings, n: int, wire: str):
+    """The settings bins of one rank as header words (None: no settings, all zeros)."""
+    lay = layout(n, wire)
+    if settings is None:
+        words = np.zeros(settings_words(n, wire), message_dtype(wire))
+    else:
+        words = codec.encode_layout(S.packed_bins(settings), S.BINS, lay)[0]
+    words.setflags(write=False)
+    return words
 
 
 def data_words(d: int, n: int, wire: str = "float64") -> int:
@@ -253,11 +280,13 @@ def message_dtype(wire: str):
 
 
 def encode(packed, offset: int, m: int, n: int, rank: int, *, step: int, nonfinite: int,
-           nonce: int, wire: str = "float64", exponent=None, r_code: int = 0, out=None):
+           nonce: int, wire: str = "float64", exponent=None, r_code: int = 0, settings=None,
+           out=None):
     """This rank's message for coordinates ``offset .. offset + m - 1`` of ``packed`` (one
     bit per coordinate of the whole tensor).  ``exponent``: this rank's e of
     ``max_exponent`` (None: none to report; clipped to ``exponent_range``);
-    ``r_code``: the R it used (header word 11).  ``out``: the message buffer
+    ``r_code``: the R it used (header word 11); ``settings``: the compressor's
+    ``settings.Settings`` (None: no bins set, for codec tests).  ``out``: the message buffer
     (``message_words`` long, ``message_dtype``), else a new one.  Returns (words,
     popcount)."""
     check_wire(wire)
@@ -272,15 +301,17 @@ def encode(packed, offset: int, m: int, n: int, rank: int, *, step: int, nonfini
     q = m % SIZE_MOD
     out[:NAMED] = (1, rank, rank * rank, q, q * q, m, pop, step, nonfinite, int(nonfinite > 0),
                    nonce, r_code, r_code * r_code)
+    x = NAMED + settings_words(n, wire)
+    out[NAMED:x] = _settings_region(settings, n, wire)
     lo, hi = exponent_range(n, wire)
     e = None if exponent is None else min(hi, max(lo, int(exponent)))
     if is_float(wire):
-        out[NAMED] = 0.0 if e is None else math.ldexp(1.0, lay.b * e)
+        out[x] = 0.0 if e is None else math.ldexp(1.0, lay.b * e)
     else:
         bins = np.zeros(K.packed_nbytes(hi - lo + 1), np.uint8)
         if e is not None:
             bins[(e - lo) >> 3] = 1 << ((e - lo) & 7)
-        out[NAMED:hw] = codec.encode_layout(bins, hi - lo + 1, lay)[0]
+        out[x:hw] = codec.encode_layout(bins, hi - lo + 1, lay)[0]
     return out, pop
 
 
@@ -307,8 +338,9 @@ def _exponent(words, n, wire, inv_scale, describe):
     """The max exponent E from the summed exponent region, or None."""
     lo, hi = exponent_range(n, wire)
     lay = layout(n, wire)
+    x = NAMED + settings_words(n, wire)
     if is_float(wire):
-        s = float(words[NAMED]) * inv_scale
+        s = float(words[x]) * inv_scale
         if not s > 0:
             return None
         e = math.floor((math.log2(s) + _EXP_SLACK) / lay.b)
@@ -318,7 +350,7 @@ def _exponent(words, n, wire, inv_scale, describe):
         return e
     nb = hi - lo + 1
     hist = np.empty(nb, count_dtype(n))
-    _, total, bad = codec.decode_layout(words[NAMED:header_words(n, wire)], nb, lay, n, hist)
+    _, total, bad = codec.decode_layout(words[x:header_words(n, wire)], nb, lay, n, hist)
     if bad or total > n:
         raise WireError(f"{_describe(describe)}: the summed exponent histogram is not one of "
                         f"at most {n} ranks")
@@ -326,13 +358,27 @@ def _exponent(words, n, wire, inv_scale, describe):
     return int(lo + nz[-1]) if nz.size else None
 
 
+def _check_settings(words, n, rank, wire, inv_scale, settings, describe):
+    """Read the summed settings bins and compare them with this rank's ``settings``."""
+    counts = np.empty(S.BINS, count_dtype(n))
+    dev, _, bad = codec.decode_layout(words[NAMED:NAMED + settings_words(n, wire)],
+                                      S.BINS, layout(n, wire), n, counts, inv_scale=inv_scale)
+    if not dev <= MAX_DEV or bad:
+        raise WireError(f"{_describe(describe)}: the summed settings bins are not counts of "
+                        f"{n} ranks: was the wire tensor modified on its way?")
+    if settings is not None:
+        settings.check(counts, n, rank, lambda: _describe(describe))
+
+
 def decode(words, m: int, n: int, rank: int, counts_out, *, wire: str = "float64",
-           describe="a tensor"):
+           describe="a tensor", settings=None):
     """Decode one summed message into ``counts_out`` (length m) and return its header
     sums.  Checks, in order, each raising the same error on every rank: the scale is
     one an exact decode can undo (``WireError``); each of ranks 0..n-1 contributed once
     (``RankMismatchError``: the header is integral and its rank checksums match); every
-    rank sent the same number of coordinates (``RankMismatchError``); no rank had NaN/Inf
+    rank sent the same number of coordinates (``RankMismatchError``); the settings bins
+    are exact counts (``WireError``) and, when ``settings`` (this rank's) is given, every
+    rank has the same settings (``RankMismatchError`` naming them); no rank had NaN/Inf
     (``NonFiniteGradientError``); the data words are exact counts of n ranks whose total
     is the popcount sum (``WireError``).  ``describe`` (a string or a callable returning
     one) names the tensor in messages."""
@@ -394,6 +440,7 @@ def decode(words, m: int, n: int, rank: int, counts_out, *, wire: str = "float64
         raise RankMismatchError(
             f"{_describe(describe)}: ranks hold different sizes (this rank: {m} "
             f"coordinates, mean over the {n} ranks: {sums['size'] / n:g})")
+    _check_settings(words, n, rank, wire, inv_scale, settings, describe)
     if sums["bad_ranks"]:
         raise NonFiniteGradientError(
             f"{_describe(describe)}: NaN/Inf in the gradient on {sums['bad_ranks']} of {n} "

@@ -428,11 +428,12 @@ def test_step_advances_once_per_compress_phase():
 
 
 def test_splitting_needs_horovod_outside_it():
-    c = C.SignCompressor(size=2, rank=0, max_message_words=W.H + 1)
+    hw = W.header_words(2, "float64")   # (the named words, settings bins, exponent)
+    c = C.SignCompressor(size=2, rank=0, max_message_words=hw + 1, wire="float64")
     with pytest.raises(ValueError, match="needs Horovod"):
         c.compress(torch.randn(1000))
-    assert W.split(1000, 2, "float64", W.H + 1) == [(o, min(24, 1000 - o))
-                                                     for o in range(0, 1000, 24)]
+    assert W.split(1000, 2, "float64", hw + 1) == [(o, min(24, 1000 - o))
+                                                    for o in range(0, 1000, 24)]
 
 
 # --------------------------------------------------------------------------------------

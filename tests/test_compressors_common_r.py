@@ -4,7 +4,8 @@
   allreduce of tests/test_compressors.py (Sum, Average, predivide, random summation
   orders), checked against that file's oracle with the documented common R
   (``common_R``): the first step, a tensor that appears later, an all-zero step, a 100x
-  jump in scale (clamped, counted, identical on every rank), disagreeing R options,
+  jump in scale (clamped, counted, identical on every rank), disagreeing R options
+  (raise) and a disagreeing R from a tensor identified differently (counted, warned),
   the exponent header under every scaling, the radix codec against its reference;
 - real Horovod: ``horovodrun -np 4`` of tests/workers/hvd_common_r.py, four ranks whose
   gradients differ in scale: the mean output over many steps against mean g / R_common
@@ -209,15 +210,37 @@ def test_tensor_appearing_later_and_all_zero_steps_use_the_first_step_rule():
                                                                        step=t))
 
 
-def test_disagreeing_R_is_counted_and_warned_on_every_rank():
+@pytest.mark.parametrize("other", [0.5, "local"])
+def test_disagreeing_R_options_raise_on_every_rank(other):
+    """Issue 18: R options that differ across ranks are in the settings every header
+    carries (tests/test_compressors_agreement.py has the other settings)."""
     n = 3
-    comps = [C.SRCompressor(size=n, rank=j, R=0.5 if j == 1 else "common") for j in range(n)]
-    g = _step_grads(n, [(40,)], 1)
-    run_steps(comps, [g])                            # first step: everyone "no bound" ...
+    comps = [C.SRCompressor(size=n, rank=j, R=other if j == 1 else "common") for j in range(n)]
+    sent = [c.compress(g["t0"]) for c, g in zip(comps, _step_grads(n, [(40,)], 1))]
+    total = allreduce([w for w, _ in sent])
+    policy = "fixed" if other == 0.5 else other
+    for j, (c, (_, ctx)) in enumerate(zip(comps, sent)):
+        with pytest.raises(C.RankMismatchError,
+                           match=rf"R differs across ranks \('common' on 2, '{policy}' on 1 "
+                                 rf"of 3 ranks\)\. This rank \({j}\) has R="):
+            c.decompress(total.clone(), ctx)
+
+
+def test_R_used_that_differs_is_counted_and_warned_on_every_rank():
+    """Same options, but a tensor identified differently on one rank (same-sized
+    tensors by index, compressed in another order there): the R codes disagree."""
+    n = 3
+    comps = [C.SRCompressor(size=n, rank=j) for j in range(n)]
+    steps = [_step_grads(n, [(40,), (40,)], t, [1.0, 1.0, 1.0]) for t in range(2)]
+    for g in steps:
+        for j in range(n):
+            g[j]["t1"] = g[j]["t1"] * 100       # t1's bound is 100x t0's
+    run_steps(comps, steps[:1])                 # first step: everyone "no bound" ...
     assert all(c.stats["r_mismatch"] == 0 for c in comps)
+    steps[1][1] = {"t1": steps[1][1]["t1"], "t0": steps[1][1]["t0"]}
     with pytest.warns(RuntimeWarning, match="did not all use the same R"):
-        run_steps(comps, [g])                        # ... then 2**(e/4) against 0.5 -> 0
-    assert all(c.stats["r_mismatch"] == 1 for c in comps)
+        run_steps(comps, steps[1:])             # ... then rank 1 swaps the two bounds
+    assert all(c.stats["r_mismatch"] == 2 for c in comps)
 
 
 def test_sign_and_fixed_R_need_no_bound():
