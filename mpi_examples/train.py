@@ -218,6 +218,13 @@ def build_parser():
                    help="R of the S_R methods (mvsm-v1/v2, sto-signsgd, mv-sto-signsgd-sim): "
                         "global (the optimizer's default: max over ranks), local (this "
                         "rank's max) or a fixed number")
+    p.add_argument("--hierarchy", choices=("host",), default=None,
+                   help="host: the hierarchical vote of the majority-vote methods (MPI "
+                        "transport): the ranks sharing a host average their gradients "
+                        "exactly and the hosts vote, one bit each (docs/optim.md)")
+    p.add_argument("--ranks-per-node", type=positive_int, default=None, metavar="K",
+                   help="the hierarchical vote with machines of K ranks: machine m holds "
+                        "ranks m*K .. m*K+K-1 (emulated clusters, tests)")
     p.add_argument("--byzantine", type=nonneg_int, default=0, metavar="K",
                    help="the last K ranks send inverted signs (gradients, for the fp32 "
                         "baselines)")
@@ -407,12 +414,25 @@ def validate(cfg: RunConfig, cluster, share: int):
         raise UsageError(str(exc))
 
 
-def with_r_policy(method, cfg: RunConfig, model, cluster, byzantine):
-    """--R: rebuild the majority-vote method's optimizer with that R policy (the same
-    options ``methods.SignCommMethod`` passes, plus R).  The preset lock refuses R for
-    the sign presets (signsgd-mv, signum-mv) with a ValueError."""
+def hierarchy_options(args) -> dict:
+    """--hierarchy / --ranks-per-node as the optimizer's options (empty: a flat vote)."""
+    out = {}
+    if getattr(args, "hierarchy", None):
+        out["hierarchy"] = args.hierarchy
+    if getattr(args, "ranks_per_node", None):
+        out["ranks_per_node"] = args.ranks_per_node
+    return out
+
+
+def with_r_policy(method, cfg: RunConfig, model, cluster, byzantine, extra=None):
+    """--R (and --hierarchy / --ranks-per-node, ``extra``): rebuild the majority-vote
+    method's optimizer with that R policy (the same options ``methods.SignCommMethod``
+    passes, plus these).  The preset lock refuses R for the sign presets (signsgd-mv,
+    signum-mv) with a ValueError."""
     import signcomm
-    options = dict(transport=cluster.engine, seed=cfg.seed, R=cfg.R)
+    options = dict(transport=cluster.engine, seed=cfg.seed, **(extra or {}))
+    if cfg.R is not None:
+        options["R"] = cfg.R
     if M.uses_beta(cfg.method) and cfg.beta is not None:
         options["beta"] = cfg.beta
     if cfg.weight_decay:
@@ -426,6 +446,12 @@ def with_r_policy(method, cfg: RunConfig, model, cluster, byzantine):
     old, method.opt = method.opt, opt
     if hasattr(old, "close"):
         old.close()
+
+
+def _layout_record(method):
+    """The hierarchical vote's layout of a run (None for a flat vote)."""
+    h = getattr(getattr(method, "opt", None), "hierarchy", None)
+    return None if h is None else dict(h.describe(), spec=h.spec)
 
 
 def share_labels(data, n: int, cfg: RunConfig) -> list:
@@ -461,6 +487,11 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
     d = MOD.count_parameters(model)
     byzantine = rank >= n - cfg.byzantine
     fam = DDP.family(cfg.method)
+    layout = hierarchy_options(args)
+    if layout and (fam != "vote" or cluster.engine != "mpi"):
+        raise UsageError(f"--hierarchy / --ranks-per-node apply to the majority-vote methods "
+                         f"({', '.join(M.VOTE_METHODS)}) under the MPI transport (mpirun), not "
+                         f"to {cfg.method} on {cluster.engine}")
     try:
         method = DDP.create(cfg.method, model, cluster, lr=cfg.lr, beta=cfg.beta,
                             schedule=cfg.schedule, seed=cfg.seed,
@@ -470,8 +501,8 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
             method = M.create(cfg.method, model, cluster, lr=cfg.lr, beta=cfg.beta,
                               schedule=cfg.schedule, seed=cfg.seed,
                               byzantine=byzantine and fam == "vote", weight_decay=cfg.weight_decay)
-            if cfg.R is not None:
-                with_r_policy(method, cfg, model, cluster, byzantine)
+            if cfg.R is not None or layout:
+                with_r_policy(method, cfg, model, cluster, byzantine, layout)
     except ValueError as exc:  # the optimizer's own argument checks, alike on every rank
         raise UsageError(f"{cfg.method}: {exc}")
     # Faulty ranks of the other families invert what they send by inverting their gradient.
@@ -485,6 +516,7 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
                       heterogeneous=cfg.heterogeneous, split=cfg.split, alpha=cfg.alpha,
                       R=cfg.R, batch_size=cfg.batch_size,
                       epochs=cfg.epochs, weight_decay=cfg.weight_decay, ranks=n,
+                      hierarchy=_layout_record(method),
                       engine=cluster.engine, data=args.data, model=args.model,
                       num_params=d, train_samples=len(data.y_train),
                       train_share=len(train_idx), test_samples=len(data.y_test),

@@ -282,11 +282,16 @@ class VoteEngine:
 
     def resolve_r(self, prepared, maxima):
         """Per-prepared-bucket R arrays (None for sign contributions)."""
+        own = [p.vmax for p in prepared]
+        if self.hierarchy is not None and self.policy.R == "local" and own:
+            # the node is the machine: its own max is the max over its ranks' shards
+            top = self.hierarchy.machine_max(np.concatenate(own))
+            own = np.split(top, np.cumsum([v.shape[0] for v in own])[:-1])
         out, first = [], 0
-        for p in prepared:
+        for p, mine in zip(prepared, own):
             k = p.vmax.shape[0]
             top = None if maxima is None or not self.policy.shared else maxima[first:first + k]
-            out.append(self.policy.resolve(p.vmax, top, transport=self.transport))
+            out.append(self.policy.resolve(mine, top, transport=self.transport))
             first += k
         return out
 

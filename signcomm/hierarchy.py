@@ -119,16 +119,28 @@ class Hierarchy:
         rows = _as_float32(handle.wait()).reshape(self.k, -1)
         return machine_mean(rows, out)
 
+    def machine_max(self, values):
+        """Elementwise max of float64 ``values`` over the machine's ranks (R="local":
+        the node's own per-tensor max is its machine's)."""
+        with self.local.ledger.kind("local"):
+            return np.asarray(self.local.allreduce(np.ascontiguousarray(values, np.float64),
+                                                   "max"))
+
     # -- 3-4. the vote among machines, then the whole vote inside the machine ---------------
     def rounds(self, schedule, packed, d_shard, d, span, step, offset, *, backend, name):
         """The rounds of one bucket's vote (a generator for ``VoteHandle``): the
         schedule's vote of this rank's shard among the machines (skipped when the shard
         is empty: it is on every machine), then an allgather of the voted shards on the
-        machine's transport (channel 2); returns the ``Vote`` of the whole bucket."""
+        machine's transport (channel 2); returns the ``Vote`` of the whole bucket.  The
+        allgather is never posted by the first step of the generator (``start``), so a
+        driver that finishes buckets in order posts every machine's allgathers in bucket
+        order on every rank, empty shards or not."""
         mask = schedule.rule.has_zeros(self.machines)
         if d_shard:
             vote = yield from schedule.rounds(packed, d_shard, step, offset, backend=backend,
                                               name=name)
+        else:  # post the gather in finish(), as the machine's other ranks do: in bucket order
+            yield _READY
         row_bytes, m = span // 8, K.packed_nbytes(d_shard)
         row = backend.zeros(row_bytes * (2 if mask else 1), packed)
         if d_shard:
@@ -148,6 +160,19 @@ class Hierarchy:
         bits = backend.copy(gathered[:, 0].reshape(-1)[:nbytes])
         nonzero = backend.copy(gathered[:, 1].reshape(-1)[:nbytes]) if mask else None
         return K.Vote(bits, nonzero)
+
+
+class _Ready:
+    """A round with nothing to wait for (a handle that has finished)."""
+
+    def test(self):
+        return True
+
+    def wait(self):
+        return None
+
+
+_READY = _Ready()
 
 
 def _as_bytes(a):

@@ -117,16 +117,22 @@ def _rank_key(purpose, seed, rank, step):
 
 def simulate(method, n, steps, *, lr=0.05, beta=None, weight_decay=0.0, seed=0,
              groups=None, dtypes=None, init_seed=1, hetero=True, byzantine_rank=None,
-             tie="coin"):
+             tie="coin", grad_fn=None, start=None):
     """Train the problem on n simulated ranks; returns (trajectory, momenta).
 
     ``trajectory[t]`` is ``flat(params)`` after step t; ``momenta[j][name]`` is rank j's
     final momentum.  ``groups``: list of (names, lr, weight_decay); default one group
-    with every parameter."""
+    with every parameter.  Another problem: ``start`` (name -> fp32 tensor, the first
+    parameters, in their order) and ``grad_fn(params, rank, step)`` (name -> gradient
+    tensor or None); the trajectory then concatenates ``start``'s names in order."""
     contribution, preset_beta, init, variant = METHODS[method]
     beta = preset_beta if beta is None else beta
-    groups = groups or [([name for name, _ in SPECS], lr, weight_decay)]
-    params = init_params(init_seed, dtypes)
+    params = init_params(init_seed, dtypes) if start is None else \
+        {k: v.detach().clone() for k, v in start.items()}
+    groups = groups or [(list(params), lr, weight_decay)]
+    if grad_fn is None:
+        def grad_fn(params, j, step):
+            return gradients(params, j, step, hetero)
     momenta = [dict() for _ in range(n)]
     b32 = np.float32(beta)
     trajectory = []
@@ -134,7 +140,7 @@ def simulate(method, n, steps, *, lr=0.05, beta=None, weight_decay=0.0, seed=0,
     torch.set_num_threads(1)  # the same reduction order as a one-thread rank
     try:
         for step in range(steps):
-            grads = [gradients(params, j, step, hetero) for j in range(n)]
+            grads = [grad_fn(params, j, step) for j in range(n)]
             present = [(name, glr, gwd) for names, glr, gwd in groups for name in names
                        if grads[0][name] is not None]
             vs = []  # vs[j][k]: rank j's momentum of present[k], flat fp32
@@ -191,7 +197,8 @@ def simulate(method, n, steps, *, lr=0.05, beta=None, weight_decay=0.0, seed=0,
                 x = x + step_size * o[first:first + size]
                 params[name] = _round(x, p.dtype).reshape(p.shape)
                 first += size
-            trajectory.append(flat(params))
+            trajectory.append(flat(params) if start is None else
+                              np.concatenate([params[k].float().reshape(-1).numpy() for k in params]))
     finally:
         torch.set_num_threads(torch_threads)
     return np.stack(trajectory), momenta
