@@ -5,6 +5,7 @@ extrapolated to n = 1024.
 
     .venv/bin/python benchmarks/netem/cost_model.py [--results benchmarks/results]
     .venv/bin/python benchmarks/netem/cost_model.py --predict --n 1024 --d 25.6e6 --gbit 10
+    .venv/bin/python benchmarks/netem/cost_model.py --machines --gbit 25   # machines of 8 GPUs
 
 Communication, per collective c (allreduce, allgather, alltoall, Horovod's fp32 and
 fp16 allreduce), for n ranks, m bytes per rank and a link rate B (bytes/s)::
@@ -45,6 +46,14 @@ collectives (``raw_*``, ``fp32_allreduce``, ``hvd_*``) at the ``--calibrate-gbit
 their collectives) and every point at the other rates are then predicted from the same
 parameters, out of sample.  ``gamma`` is fitted from the schedules'
 compute time (seconds - comm_seconds).
+
+Machines of k = 8 GPUs (the extrapolation's third row, ``machines_of_8_gpus`` in the
+JSON, ``--machines``): H = 1..128 machines, each with one NIC shared by its GPUs and a
+fast per-GPU link inside; the flat sharded vote over all 8H GPUs against the hierarchical
+vote (machine mean inside, the machines' vote of each 1/k shard, allgather inside) and a
+node-aware fp32 allreduce.  It uses only byte counts (``machine_cross_bytes``, checked
+against benchmarks/netem/hier_bench.py's record) and per-round latencies; nothing fitted
+on this box, whose rounds are bound by its 2 shared cores, not by a network.
 """
 from __future__ import annotations
 
@@ -256,6 +265,99 @@ EXTRAP = [("fp32_allreduce", "fp32 allreduce (MPI)", "C0"),
           ("vote_allreduce_v1", "packed-count allreduce vote", "C5")]
 
 
+# --------------------------------------------------------------------------- machines
+MACHINE_GPUS = 8
+MACHINE_HS = [1, 2, 4, 8, 16, 32, 64, 128]
+MACHINE_METHODS = [("flat", "flat sharded vote", "C4"),
+                   ("hier", "hierarchical sharded vote", "C1"),
+                   ("fp32", "fp32 allreduce (node-aware)", "C0")]
+
+
+def machine_cross_bytes(method, H, k, d):
+    """Bytes one machine's NIC sends per step (its k ranks together), for d coordinates on
+    H machines of k ranks:
+
+    - ``flat``: the sharded vote over n = H k ranks (2 (n - 1) pieces of ceil(d/8)/n
+      bytes per rank, alltoall + allgather), of which the 2 (n - k) to ranks on other
+      machines leave it (the ledger's count without the machine's own pieces; MPICH's
+      ring allgather in rank order keeps a little more inside: measured 6% less at 4 x 2);
+    - ``hier``: the machines' vote (docs/algorithms.md): each rank votes on its 1/k shard
+      of the coordinates with the H - 1 ranks holding it elsewhere, 2 (H - 1) pieces of
+      ceil(d/(8k))/H bytes: 1/k of ``flat`` when H >> 1;
+    - ``fp32``: a node-aware fp32 allreduce (reduce-scatter inside, a ring allreduce of
+      4d/k bytes among the H ranks of each local index, allgather inside), which MPICH's
+      MPI_Allreduce and NCCL already do (measured: flat and hierarchical fp32 cross the
+      same bytes at 4 x 2)."""
+    n = H * k
+    if method == "flat":
+        return k * 2 * (n - k) * shard(d, n)
+    if method == "hier":
+        return k * 2 * (H - 1) * shard(math.ceil(d / k), H)
+    if method == "fp32":
+        return k * ring(4 * math.ceil(d / k), H)
+    raise ValueError(method)
+
+
+def machine_comm_time(model, method, H, k, d, gbit, alpha_s, intra_gbyte, intra_alpha_s):
+    """Seconds of communication per step on H dedicated machines of k GPUs: one NIC of
+    ``gbit`` per machine (shared by its k GPUs, payload efficiency ``model.eff``), a
+    per-GPU link of ``intra_gbyte`` GB/s inside (NVLink-like), ``alpha_s`` per round
+    between machines and ``intra_alpha_s`` inside.  Vote compute is left out (a GPU's
+    pack/vote of d coordinates is well under the NIC time)."""
+    n = H * k
+    nic = model.eff * gbit * 1e9 / 8
+    intra = intra_gbyte * 1e9
+    cross = machine_cross_bytes(method, H, k, d) / nic
+    if method == "flat":      # 2 (n - 1) rounds, each as slow as its slowest (remote) peer
+        rounds = 2 * (n - 1) * (alpha_s if H > 1 else intra_alpha_s)
+        return rounds + cross + 2 * (k - 1) * shard(d, n) / intra
+    if method == "hier":      # machine mean (fp32 alltoall), vote among H, allgather of bits
+        dk = math.ceil(d / k)
+        inside = 2 * (k - 1) * intra_alpha_s + ((k - 1) * 4 * dk + (k - 1) * packed(dk)) / intra
+        return inside + 2 * (H - 1) * alpha_s + cross
+    if method == "fp32":
+        inside = 2 * (k - 1) * intra_alpha_s + 2 * (k - 1) * 4 * math.ceil(d / k) / intra
+        return inside + 2 * log2c(H) * alpha_s + cross
+    raise ValueError(method)
+
+
+def machines_extrapolation(model, d=25.6e6, rates=(1, 10, 25), k=MACHINE_GPUS, hs=MACHINE_HS,
+                           alpha_us=50.0, intra_gbyte=100.0, intra_alpha_us=10.0):
+    """{rate: {method: {H: seconds}}} plus the hierarchical / flat ratios of seconds and of
+    NIC bytes, for machines of k GPUs, H = 1..128."""
+    d = int(d)
+    out = {"k": k, "alpha_us": alpha_us, "intra_gbyte_per_s": intra_gbyte,
+           "intra_alpha_us": intra_alpha_us, "d": d, "seconds": {}, "nic_bytes": {},
+           "hier_over_flat_seconds": {}, "hier_over_flat_bytes": {}}
+    for m, _, _ in MACHINE_METHODS:
+        out["nic_bytes"][m] = {H: machine_cross_bytes(m, H, k, d) for H in hs}
+    for g in rates:
+        sec = {m: {H: machine_comm_time(model, m, H, k, d, g, alpha_us * 1e-6, intra_gbyte,
+                                        intra_alpha_us * 1e-6) for H in hs}
+               for m, _, _ in MACHINE_METHODS}
+        out["seconds"][f"{g:g}Gbit"] = sec
+        out["hier_over_flat_seconds"][f"{g:g}Gbit"] = {
+            H: sec["hier"][H] / sec["flat"][H] for H in hs if H > 1}
+    out["hier_over_flat_bytes"] = {H: out["nic_bytes"]["hier"][H] / out["nic_bytes"]["flat"][H]
+                                   for H in hs if H > 1}
+    return out
+
+
+def machines_table(ext):
+    """The extrapolation as a markdown table (ms per step; NIC MB per machine)."""
+    hs = sorted(next(iter(ext["nic_bytes"].values())))
+    lines = ["| rate | method | " + " | ".join(f"H={H}" for H in hs) + " |",
+             "|---|---|" + "---|" * len(hs)]
+    for g, sec in ext["seconds"].items():
+        for m, label, _ in MACHINE_METHODS:
+            lines.append(f"| {g} | {label} | " + " | ".join(
+                f"{1e3 * sec[m][H]:.1f}" for H in hs) + " |")
+    for m, label, _ in MACHINE_METHODS:
+        lines.append(f"| NIC MB per machine | {label} | " + " | ".join(
+            f"{ext['nic_bytes'][m][H] / 1e6:.1f}" for H in hs) + " |")
+    return "\n".join(lines)
+
+
 def crossover(model, method, d, gbit, with_compute, ns):
     """Smallest n at which ``method`` is no faster than fp32 allreduce (None: never)."""
     for n in ns:
@@ -267,7 +369,8 @@ def crossover(model, method, d, gbit, with_compute, ns):
     return None
 
 
-def extrapolate(model, out, d=25.6e6, rates=(1, 10, 25), alpha_us=50.0):
+def extrapolate(model, out, d=25.6e6, rates=(1, 10, 25), alpha_us=50.0, intra_gbyte=100.0,
+                intra_alpha_us=10.0):
     """Predictions for a real cluster (one host per rank: no host term, no contention),
     n = 2..1024, with alpha as fitted here (top row) and alpha = alpha_us (bottom row)."""
     import matplotlib
@@ -275,7 +378,7 @@ def extrapolate(model, out, d=25.6e6, rates=(1, 10, 25), alpha_us=50.0):
     import matplotlib.pyplot as plt
     ns = [2 ** k for k in range(1, 11)]
     nfine = sorted(set(list(range(2, 129)) + [int(x) for x in np.geomspace(128, 1024, 60)]))
-    fig, axes = plt.subplots(2, len(rates), figsize=(6 * len(rates), 9), squeeze=False)
+    fig, axes = plt.subplots(3, len(rates), figsize=(6 * len(rates), 13.5), squeeze=False)
     table, cross = {}, {}
     for row, (case, alpha) in enumerate((("alpha fitted on this box", None),
                                          (f"alpha = {alpha_us:g} us", alpha_us * 1e-6))):
@@ -299,13 +402,30 @@ def extrapolate(model, out, d=25.6e6, rates=(1, 10, 25), alpha_us=50.0):
                     "comm_only": crossover(model, m, d, g, False, nfine),
                     "with_compute": crossover(model, m, d, g, True, nfine)}
     model.alpha_override = None
+    # third row: machines of 8 GPUs (one NIC each, NVLink-like inside), H = 1..128
+    machines = machines_extrapolation(model, d=d, rates=rates, alpha_us=alpha_us,
+                                      intra_gbyte=intra_gbyte, intra_alpha_us=intra_alpha_us)
+    for ax, g in zip(axes[2], rates):
+        sec = machines["seconds"][f"{g:g}Gbit"]
+        for m, label, color in MACHINE_METHODS:
+            hs = sorted(sec[m])
+            ax.plot(hs, [sec[m][H] for H in hs], "-o", ms=3, color=color, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"machines H of {machines['k']} GPUs (n = {machines['k']} H)")
+        ax.set_ylabel("seconds per step (communication)")
+        ax.set_title(f"{g:g} Gbit/s NIC per machine, d = {d / 1e6:.1f}M, alpha = "
+                     f"{alpha_us:g} us, {machines['intra_gbyte_per_s']:g} GB/s inside",
+                     fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[2][0].legend(fontsize=7)
     axes[0][0].legend(fontsize=7, title="solid: communication, dotted: + vote compute (1 core)",
                       title_fontsize=7)
     fig.tight_layout()
     path = Path(out) / "netem_cost_model.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path, table, cross
+    return path, table, cross, machines
 
 
 def main(argv=None):
@@ -322,8 +442,25 @@ def main(argv=None):
     ap.add_argument("--alpha-us", type=float, default=None,
                     help="latency per round on dedicated hosts for the second extrapolation "
                          "(default 50); with --predict: use it instead of the fitted alpha")
+    ap.add_argument("--machines", action="store_true",
+                    help="print the machines-of-8-GPUs extrapolation only (it uses no fitted "
+                         "parameter) for --gbit, --d, --alpha-us, --intra-gbyte")
+    ap.add_argument("--intra-gbyte", type=float, default=100.0,
+                    help="machines row: GB/s per GPU inside a machine (default 100)")
+    ap.add_argument("--intra-alpha-us", type=float, default=10.0,
+                    help="machines row: latency per round inside a machine (default 10 us)")
     a = ap.parse_args(argv)
     res = Path(a.results)
+    if a.machines:
+        ext = machines_extrapolation(CostModel(), d=a.d, rates=(a.gbit,),
+                                     alpha_us=a.alpha_us or 50.0, intra_gbyte=a.intra_gbyte,
+                                     intra_alpha_us=a.intra_alpha_us)
+        print(machines_table(ext))
+        print("hierarchical / flat: NIC bytes",
+              {H: round(v, 3) for H, v in ext["hier_over_flat_bytes"].items()}, "seconds",
+              {H: round(v, 3) for H, v in
+               ext["hier_over_flat_seconds"][f"{a.gbit:g}Gbit"].items()})
+        return 0
     if a.predict:
         saved = json.loads((res / "netem_cost_model.json").read_text())
         model = CostModel.from_json(saved["fit"])
@@ -353,17 +490,47 @@ def main(argv=None):
         summary[f"{tag}: vote schedules' whole step incl. compute"] = summarize(
             rows, "step_rel_error", lambda r, g=g: r["gbit_per_s"] == g and r["method"] not in CALIBRATION)
     by_rate = {"calibrated_on_gbit": sorted(calib)}
-    path, table, cross = extrapolate(model, res, alpha_us=a.alpha_us or 50.0)
+    path, table, cross, machines = extrapolate(model, res, alpha_us=a.alpha_us or 50.0,
+                                               intra_gbyte=a.intra_gbyte,
+                                               intra_alpha_us=a.intra_alpha_us)
+    machines["measured_4x2"] = hier_measured(res)
     out = {"fit": model.to_json(), "validation_summary": summary,
            "calibration": by_rate, "validation": rows,
            "extrapolation_d": 25.6e6, "extrapolation_comm_seconds": table,
-           "crossover_n_vs_fp32_allreduce": cross}
+           "crossover_n_vs_fp32_allreduce": cross,
+           "machines_of_8_gpus": machines}
     (res / "netem_cost_model.json").write_text(json.dumps(out, indent=1))
     print(json.dumps({"fit": out["fit"], "validation_summary": summary,
                       "calibration": by_rate,
                       "crossover_n_vs_fp32_allreduce": cross}, indent=1))
+    print("machines of 8 GPUs (communication ms per step; NIC MB per machine):")
+    print(machines_table(machines))
+    print("hierarchical / flat NIC bytes:", {H: round(v, 3) for H, v in
+                                              machines["hier_over_flat_bytes"].items()})
+    if machines["measured_4x2"]:
+        print("bytes per rank across machines, model vs netem_hier.json:",
+              machines["measured_4x2"])
     print(f"cost_model.py: {res / 'netem_cost_model.json'}, {path}")
     return 0
+
+
+def hier_measured(res):
+    """The byte model against hier_bench.py's record (``netem_hier.json``), if there is
+    one: bytes per rank crossing machines, predicted and measured (the machine links)."""
+    path = Path(res) / "netem_hier.json"
+    if not path.exists():
+        return None
+    out = {}
+    for r in json.loads(path.read_text()):
+        m = {"mvsm_flat": "flat", "mvsm_hier": "hier", "fp32_flat": "fp32",
+             "fp32_hier": "fp32"}.get(r["method"])
+        if m is None or "cross_bytes_per_rank" not in r:
+            continue
+        H, k = r["machines"], r["k"]
+        out[r["method"]] = {"H": H, "k": k,
+                            "predicted": machine_cross_bytes(m, H, k, r["d"]) / k,
+                            "measured": r["cross_bytes_per_rank"]}
+    return out
 
 
 if __name__ == "__main__":

@@ -114,6 +114,18 @@ class HierFP32:
         self.opt.step()
 
 
+def ledger_breakdown(ledger):
+    """The last step's calls by ledger kind and operation: ``<kind>:<op>:{calls,bytes,s}``
+    (e.g. the fp32 alltoall inside the machine, kind 'local', against the vote's)."""
+    out = {}
+    for rec in ledger.records:
+        key = f"{rec.kind}:{rec.op}"
+        out[f"{key}:calls"] = out.get(f"{key}:calls", 0) + 1
+        out[f"{key}:bytes"] = out.get(f"{key}:bytes", 0) + rec.bytes_sent
+        out[f"{key}:s"] = out.get(f"{key}:s", 0.0) + rec.seconds
+    return out
+
+
 def make_params(scale, rank):
     import torch
     from compressor_step import SHAPES
@@ -210,8 +222,10 @@ def rank_main(a):
                 run["tx"].append(tx - run["nic0"][0])
                 run["rx"].append(rx - run["nic0"][1])
                 if run["stats_of"] is not None:
-                    run["stats"].append({key: v for key, v in run["stats_of"].stats.items()
-                                         if isinstance(v, (int, float))})
+                    st = {key: v for key, v in run["stats_of"].stats.items()
+                          if isinstance(v, (int, float))}
+                    st.update(ledger_breakdown(run["stats_of"].transport.ledger))
+                    run["stats"].append(st)
 
         run["m"] = Method(step, before=before, after=after, name=method)
         runs.append(run)
@@ -268,12 +282,23 @@ def ledger_cross(stats):
     return None
 
 
+def paired_speedup(base, r):
+    """Median over repetitions of base's time / r's time in the same repetition (the
+    methods of one job run in turns, so a repetition's pair saw the same load); NaN when
+    the two come from different jobs."""
+    if not base or base.get("engine") != r.get("engine") or \
+            len(base["times"]) != len(r["times"]):
+        return float("nan")
+    return statistics.median(b / t for b, t in zip(base["times"], r["times"]))
+
+
 def print_table(rows, gbit):
     base = next((r for r in rows if r["method"] == "mvsm_flat" and "seconds" in r), None)
     print(f"\n{'method':52s} {'step ms':>8} {'comm ms':>8} {'cpu ms':>7} "
           f"{'cross MB/rank':>13} {'floor ms':>8} "
-          f"{'ledger MB/rank':>14} {'bytes/flat':>10} {'flat/step':>9}")
-    print("(ledger: all bytes sent / those of the machines' vote, where the engine splits them)")
+          f"{'ledger MB/rank':>14} {'bytes/flat':>10} {'flat/step':>9} {'paired':>6}")
+    print("(ledger: all bytes sent / those of the machines' vote, where the engine splits "
+          "them; flat/step: ratio of medians; paired: median of the per-repetition ratios)")
     for r in rows:
         if "skipped" in r:
             print(f"{r['label']:52s} SKIPPED: {r['skipped']}")
@@ -286,12 +311,13 @@ def print_table(rows, gbit):
             (f" / {lc[1] / 1e6:.2f}" if lc else "")
         ratio = cross / base["cross_bytes_per_rank"] if base else float("nan")
         speed = base["seconds"] / r["seconds"] if base else float("nan")
+        paired = paired_speedup(base, r)
         st = r["stats"]
         cpu = sum(st.get(key, 0.0) for key in ("compress_s", "vote_s", "update_s"))
         comm = f"{1e3 * st['comm_s']:8.0f}" if "comm_s" in st else f"{'-':>8}"
         cpu = f"{1e3 * cpu:7.0f}" if "compress_s" in st else f"{'-':>7}"
         print(f"{r['label']:52s} {1e3 * r['seconds']:8.0f} {comm} {cpu} {cross / 1e6:13.2f} "
-              f"{1e3 * floor:8.0f} {led_s:>14} {ratio:10.3f} {speed:9.2f}")
+              f"{1e3 * floor:8.0f} {led_s:>14} {ratio:10.3f} {speed:9.2f} {paired:6.2f}")
 
 
 def main(argv=None):
