@@ -320,6 +320,20 @@ def print_table(rows, gbit):
               f"{1e3 * floor:8.0f} {led_s:>14} {ratio:10.3f} {speed:9.2f} {paired:6.2f}")
 
 
+def checkout_commit():
+    """HEAD of this checkout, with '+dirty' when signcomm/ has uncommitted changes (the
+    engine measured may differ from the commit), or None outside git."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "signcomm"], cwd=ROOT,
+                               text=True, capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--machines", type=int, default=4, help="H (default 4)")
@@ -366,6 +380,7 @@ def main(argv=None):
         for _, _, env in jobs:
             env.update(THROTTLE)
     rows, t_start = [], time.time()
+    commit = checkout_commit()
     with netem.Cluster(a.machines, a.gbit, ranks_per_machine=a.ranks_per_machine) as c:
         print(f"hier_bench.py: cluster {c.prefix}: {c.n} machines x {c.k} ranks, "
               f"{a.gbit:g} Gbit/s between machines", flush=True)
@@ -392,7 +407,7 @@ def main(argv=None):
             for line in part.read_text().splitlines():
                 rec = json.loads(line)
                 rec.update(loadavg_before=load, job_wall_seconds=wall, job_tc_tx_bytes=tc_tx,
-                           job_env=env)
+                           job_env=env, commit=commit)
                 for m, b in enumerate(rec.get("machine_tx_bytes_timed_total", [])):
                     timed[m] += b
                 rows.append(rec)
