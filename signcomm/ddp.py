@@ -72,6 +72,10 @@ REFUSED = {
     "overlap": "the hook posts each bucket's vote during backward by itself",
     "lockstep_every": "DDP keeps the replicas in step; compare parameters yourself if needed",
     "transport": "the hook talks through torch.distributed: pass process_group=",
+    "hierarchy": "the hook has no hierarchical vote yet: use signcomm.MVSM(..., "
+                 "hierarchy=...) (MPI or torch.distributed transport)",
+    "ranks_per_node": "the hook has no hierarchical vote yet: use signcomm.MVSM(..., "
+                      "ranks_per_node=k) (MPI or torch.distributed transport)",
 }
 
 

@@ -13,7 +13,7 @@ import torch
 
 SHAPES = [("a", (300,)), ("b", (9, 23)), ("c", (5,)), ("z", (130,)), ("unused", (4,))]
 BUCKET = 256
-LR, SEED, STEPS = 0.05, 5, 5
+LR, SEED, STEPS = 0.05, 5, 4
 
 
 def init_params():

@@ -232,10 +232,11 @@ class Transport:
     # -- sub-groups (the hierarchical vote) ---------------------------------------------
     def split(self, color: int, key: int, *, tag=None) -> "Transport":
         """A transport over the ranks that pass the same ``color``, ranked by ``key``
-        (collective), sharing this transport's ledger.  Only MPI has it so far."""
+        (collective), sharing this transport's ledger.  MPI and torch.distributed have it."""
         raise TransportError(f"the {self.name} transport cannot make sub-groups yet, so the "
                              "hierarchical vote (hierarchy= / ranks_per_node=) needs the MPI "
-                             "transport (transport='mpi', under mpirun)")
+                             "transport (transport='mpi', under mpirun) or torch.distributed "
+                             "(transport='torch')")
 
     def host_id(self) -> int:
         """An id shared by exactly the ranks on this rank's host (collective)."""

@@ -153,6 +153,46 @@ class TorchDistTransport(Transport):
     def barrier(self):
         self.dist.barrier(group=self.cpu_groups[0])
 
+    # -- sub-groups (the hierarchical vote, ``signcomm.hierarchy``) ----------------------
+    def split(self, color: int, key: int, *, tag=None) -> "TorchDistTransport":
+        """A transport over the ranks of this one that pass the same ``color``, ranked by
+        ``key`` (collective: one allgather of every rank's color and key, then
+        ``new_group`` with local synchronisation), sharing this transport's ledger.
+        torch.distributed ranks a group's members by their global rank, so ``key`` must
+        order them alike (it does for the hierarchical vote's layouts; otherwise a
+        ``TransportError``).  Groups are made once per member list and shared."""
+        mine = np.array([int(color), int(key)], np.int64)
+        everyone = np.asarray(self.allgather(mine.view(np.uint8))).reshape(-1).view(np.int64)
+        everyone = everyone.reshape(self._size, 2)
+        members = sorted((int(k), r) for r, (c, k) in enumerate(everyone.tolist()) if c == color)
+        ranks = [self.dist.get_global_rank(self.group, r) for _, r in members]
+        if ranks != sorted(ranks):
+            raise TransportError("torch.distributed ranks a group's members by their global "
+                                 f"rank, and this split orders them otherwise (ranks {ranks}); "
+                                 "launch each machine's ranks in rank order, or use MPI")
+        cache = ("split", id(self.dist.group.WORLD), tuple(ranks))
+        if cache not in _GROUPS:
+            _GROUPS[cache] = self.dist.new_group(
+                ranks, use_local_synchronization=len(ranks) != self.dist.get_world_size())
+        out = TorchDistTransport(_GROUPS[cache])
+        out.ledger = self.ledger
+        return out
+
+    def host_id(self) -> int:
+        """The lowest global rank on this rank's host, under torchrun (``LOCAL_RANK``,
+        ``LOCAL_WORLD_SIZE``: its ranks on a host are contiguous); without them, ranks
+        whose host name is the same share a host.  Collective."""
+        import os
+        import socket
+        import zlib
+        env = os.environ
+        me = self.dist.get_global_rank(self.group, self._rank)
+        if "LOCAL_RANK" in env and "LOCAL_WORLD_SIZE" in env:
+            return me - int(env["LOCAL_RANK"])
+        name = np.array([zlib.crc32(socket.gethostname().encode())], np.int64)
+        return int(np.asarray(self.allgather(name.view(np.uint8))).reshape(-1).view(np.int64)
+                   .tolist().index(int(name[0])))
+
     def _probe(self):
         """One tiny call of each collective on every CPU channel group; a backend
         without one raises TransportError on every rank (the failure is local to each

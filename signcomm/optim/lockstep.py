@@ -26,12 +26,13 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
 
 def broadcast_state(model_or_params, optimizer=None, transport=None, root: int = 0):
     """Overwrite every rank's parameters (and the optimizer's tensor state) with rank
-    ``root``'s.  Call once after building the model and optimizer."""
+    ``root``'s.  Call once after building the model and optimizer.  The hierarchical
+    vote's ``momentum_shard`` state is left alone: each rank holds another shard."""
     transport = get_transport(transport)
     tensors = [p.data for p in _params(model_or_params)]
     if optimizer is not None:
         for state in optimizer.state.values():
-            tensors += [v for v in state.values() if torch.is_tensor(v)]
+            tensors += [v for k, v in state.items() if torch.is_tensor(v) and k != "momentum_shard"]
     with transport.ledger.kind("control"):
         # a fixed-length signature (count, hash of the layout): ranks with a different
         # number of tensors must get the mismatch error, not an MPI length error or a hang

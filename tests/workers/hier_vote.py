@@ -23,10 +23,10 @@ from signcomm.hierarchy import hierarchy_from_keys
 torch.set_num_threads(1)
 world = MPI.COMM_WORLD
 rank, n = world.Get_rank(), world.Get_size()
-CONFIGS = [("mvsm-v1", s, {}) for s in ("allgather", "sharded", "allreduce")] + \
-          [("mvsm-v2", s, {}) for s in ("allgather", "sharded", "allreduce")] + \
-          [("signum-mv", "sharded", {}), ("mvsm-v1", "sharded", {"tie": "zero"}),
-           ("sto-signsgd", "allgather", {"R": "local"})]
+CORE = [(m, s, {}) for m in ("mvsm-v1", "mvsm-v2") for s in ("allgather", "sharded", "allreduce")]
+TIE_ZERO = ("mvsm-v1", "sharded", {"tie": "zero"})   # H even: ties, the sharded mask
+CONFIGS = CORE + [("signum-mv", "sharded", {}), TIE_ZERO, ("sto-signsgd", "allgather", {"R": "local"})]
+CONFIGS_OF = {(2, 2): CONFIGS, (3, 2): CORE, (2, 3): CORE + [TIE_ZERO]}
 LAYOUTS = {4: [(2, 2)], 6: [(3, 2), (2, 3)]}[n]
 out = {}
 
@@ -65,7 +65,7 @@ def failure(fn):
 for H, k in LAYOUTS:
     sub = world.Split(0 if rank < H else MPI.UNDEFINED, rank)
     flat_transport = get_transport("mpi", comm=sub) if rank < H else None
-    for method, schedule, extra in CONFIGS:
+    for method, schedule, extra in CONFIGS_OF[H, k]:
         tag = f"{H}x{k}-{tag_of(method, schedule, extra)}"
         traj, opt, _ = train(method, schedule, extra,
                              lambda p, t: P.rank_grads(p, rank, t), ranks_per_node=k)
@@ -118,6 +118,7 @@ if n == 4:
     own = (lambda p, t: P.rank_grads(p, rank, t))
     full, _, _ = train("mvsm-v1", "sharded", {}, own, steps=5, ranks_per_node=2)
     _, opt, params_at = train("mvsm-v1", "sharded", {}, own, steps=2, ranks_per_node=2)
+    out["bcast"] = failure(lambda: signcomm.broadcast_state(list(params_at.values()), opt))
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
