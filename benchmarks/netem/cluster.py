@@ -169,6 +169,15 @@ def netem_available():
         _ip("netns", "del", ns, check=False)
 
 
+def qdisc_bytes(dev, ns=None):
+    """Bytes the root qdisc of ``dev`` has let through (the shaper's own counter): in
+    namespace ``ns``, or in the caller's own when None (a rank reading its machine's
+    link from inside)."""
+    argv = ["tc", "-s", "-j", "qdisc", "show", "dev", dev]
+    p = _run(argv if ns is None else ["ip", "netns", "exec", ns, *argv])
+    return sum(int(q.get("bytes", 0)) for q in json.loads(p.stdout or "[]") if q.get("root"))
+
+
 def list_namespaces(prefix=PREFIX + "-"):
     p = _run(["ip", "netns", "list"], check=False)
     names = [line.split()[0] for line in p.stdout.splitlines() if line.strip()]
@@ -351,18 +360,9 @@ class Cluster:
         shaper (payload + TCP/IP headers + MPI control)."""
         out = {}
         for i, ns in enumerate(self.ranks):
-            out[i] = {"tx": self._qdisc_bytes(ns, "eth0"),
-                      "rx": self._qdisc_bytes(self.br, f"p{i}")}
+            out[i] = {"tx": qdisc_bytes("eth0", ns), "rx": qdisc_bytes(f"p{i}", self.br)}
         return out
 
-    @staticmethod
-    def _qdisc_bytes(ns, dev):
-        p = _tc(ns, "-s", "-j", "qdisc", "show", "dev", dev)
-        total = 0
-        for q in json.loads(p.stdout or "[]"):
-            if q.get("root"):
-                total += int(q.get("bytes", 0))
-        return total
 
     # -- running jobs
     def machine_of(self, rank):

@@ -36,11 +36,12 @@ each step, untimed); no forward or backward pass is timed (it would cost every m
 same).  A step is timed from a barrier to the end of ``step()``; its time is the slowest
 rank's; a record keeps the median over ``--reps`` steps after ``--warmup``.
 
-Bytes crossing machines, per step: the ground truth is each machine's link, read inside
-its namespace around every step (``/sys/class/net/eth0`` counters; the link is the
-machine's only way out, and its sum over a job is checked against the shaped links' tc
-counters, read by the driver around the job).  Per rank = the busiest machine's bytes
-sent / k.  signcomm's byte ledger gives the MVSM rows' own count (``opt.stats``:
+Bytes crossing machines, per step: the ground truth is the shaper of each machine's link
+(``tc -s qdisc`` on its ``eth0``, the machine's only way out), read by its ranks inside
+the namespace around every step (``cluster.qdisc_bytes``; the device's own
+``/sys/class/net/eth0`` counter is kept beside it), and printed per job next to the same
+counters read by the driver around the whole job.  Per rank = the busiest machine's
+bytes sent / k.  signcomm's byte ledger gives the MVSM rows' own count (``opt.stats``:
 ``bytes_sent``, and the hierarchical engine's split by level where it reports one).
 Records: ``--out`` (JSON); a table on stdout.
 """
@@ -138,6 +139,7 @@ def make_params(scale, rank):
 
 def rank_main(a):
     from common import Method, interleave, pin_threads
+    from cluster import qdisc_bytes
     from ddp_bench import nic_bytes
     engine = a.engine
     threads = pin_threads(int(os.environ.get("PMI_SIZE", "1")))   # all ranks share this box
@@ -201,11 +203,12 @@ def rank_main(a):
             opt = hvd_sgd(hvd, [(f"layer{i}.weight", p) for i, p in enumerate(params)])
         else:
             raise ValueError(f"unknown method {method!r}")
-        run = dict(method=method, opt=opt, stats_of=stats_of, tx=[], rx=[], stats=[])
+        run = dict(method=method, opt=opt, stats_of=stats_of, tx=[], rx=[], tc=[], stats=[])
 
         def before(i, run=run):
             restore()
             run["nic0"] = nic_bytes()
+            run["tc0"] = qdisc_bytes("eth0")
 
         if engine == "horovod":
             def step(i, opt=opt):
@@ -218,9 +221,11 @@ def rank_main(a):
 
         def after(i, run=run):
             tx, rx = nic_bytes()
+            tc = qdisc_bytes("eth0")
             if i >= a.warmup:
                 run["tx"].append(tx - run["nic0"][0])
                 run["rx"].append(rx - run["nic0"][1])
+                run["tc"].append(tc - run["tc0"])
                 if run["stats_of"] is not None:
                     st = {key: v for key, v in run["stats_of"].stats.items()
                           if isinstance(v, (int, float))}
@@ -240,8 +245,8 @@ def rank_main(a):
     records = []
     for r in runs:
         # per machine: the bytes its link carried (every rank of it reads the same counter)
-        tx = allgather([statistics.median(r["tx"]), statistics.median(r["rx"]),
-                        sum(r["tx"]), sum(r["rx"])])
+        tx = allgather([statistics.median(r["tc"]), statistics.median(r["rx"]),
+                        sum(r["tc"]), sum(r["rx"]), statistics.median(r["tx"])])
         stats = {}
         if r["stats"]:
             keys = sorted(set.intersection(*(set(s) for s in r["stats"])))
@@ -254,6 +259,8 @@ def rank_main(a):
             machines=n // k, d=d, gbit=a.gbit, reps=a.reps, warmup=a.warmup,
             seconds=statistics.median(r["m"].times), times=r["m"].times,
             machine_tx_bytes=machines_tx, machine_rx_bytes=machines_rx,
+            machine_eth0_tx_bytes=[float(tx[m * k:(m + 1) * k, 4].max())
+                                   for m in range(n // k)],
             machine_tx_bytes_timed_total=[float(tx[m * k:(m + 1) * k, 2].max())
                                           for m in range(n // k)],
             cross_bytes_per_rank=max(machines_tx) / k,
@@ -415,7 +422,7 @@ def main(argv=None):
             # methods are the tc counters of the same links minus start-up, warm-up and
             # barriers; print both so a reader can see the share they explain.
             print(f"hier_bench.py: job {engine} {methods}: machine links (tc) sent "
-                  f"{[round(b / 1e6, 1) for b in tc_tx]} MB, timed steps (eth0) "
+                  f"{[round(b / 1e6, 1) for b in tc_tx]} MB, of which in the timed steps "
                   f"{[round(b / 1e6, 1) for b in timed]} MB", flush=True)
             for rec in rows:
                 if rec.get("job_tc_tx_bytes") is tc_tx:
