@@ -101,7 +101,7 @@ def uses_ddp(method: str, cluster) -> bool:
 
 
 def create(name, model, cluster, *, lr, beta, schedule=None, seed=0, byzantine=False,
-           weight_decay=0.0, R=None):
+           weight_decay=0.0, R=None, layout=None):
     """The method object (``methods.create``'s interface, plus ``R``); DDP methods have
     ``module``, the DDP model to call forward on."""
     if name in DDP_BASELINES and cluster.engine != "torch":
@@ -109,7 +109,7 @@ def create(name, model, cluster, *, lr, beta, schedule=None, seed=0, byzantine=F
                             "torchrun (torchrun --nproc-per-node N mpi_examples/train.py ...)")
     if uses_ddp(name, cluster):
         return DDPMethod(name, model, cluster, lr=lr, beta=beta, schedule=schedule, seed=seed,
-                         byzantine=byzantine, weight_decay=weight_decay, R=R)
+                         byzantine=byzantine, weight_decay=weight_decay, R=R, layout=layout)
     return None
 
 
@@ -119,7 +119,7 @@ class DDPMethod:
     + SGD with momentum for the baselines."""
 
     def __init__(self, name, model, cluster, *, lr, beta, schedule, seed, byzantine,
-                 weight_decay, R):
+                 weight_decay, R, layout=None):
         import torch
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
         from torch.nn.parallel import DistributedDataParallel
@@ -144,6 +144,7 @@ class DDPMethod:
                 options["R"] = R
             if byzantine:
                 options["byzantine"] = True
+            options.update(layout or {})   # --hierarchy / --ranks-per-node
             self.hook_state = signcomm.ddp.register(self.module, name, **options)
             # the vote o moves every coordinate by lr; SGD's weight decay on o is the
             # decoupled rule x (1 - lr wd) - lr o (docs/ddp.md)

@@ -450,7 +450,8 @@ def with_r_policy(method, cfg: RunConfig, model, cluster, byzantine, extra=None)
 
 def _layout_record(method):
     """The hierarchical vote's layout of a run (None for a flat vote)."""
-    h = getattr(getattr(method, "opt", None), "hierarchy", None)
+    owner = getattr(method, "hook_state", None) or getattr(method, "opt", None)  # DDP hook / MVSM
+    h = getattr(owner, "hierarchy", None)
     return None if h is None else dict(h.describe(), spec=h.spec)
 
 
@@ -488,15 +489,15 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
     byzantine = rank >= n - cfg.byzantine
     fam = DDP.family(cfg.method)
     layout = hierarchy_options(args)
-    if layout and (fam != "vote" or cluster.engine != "mpi"):
+    if layout and (fam != "vote" or cluster.engine not in ("mpi", "torch")):
         raise UsageError(f"--hierarchy / --ranks-per-node apply to the majority-vote methods "
-                         f"({', '.join(M.VOTE_METHODS)}) under the MPI transport (mpirun), not "
-                         f"to {cfg.method} on {cluster.engine}")
+                         f"({', '.join(M.VOTE_METHODS)}) under mpirun or torchrun, not to "
+                         f"{cfg.method} on {cluster.engine}")
     try:
         method = DDP.create(cfg.method, model, cluster, lr=cfg.lr, beta=cfg.beta,
                             schedule=cfg.schedule, seed=cfg.seed,
                             byzantine=byzantine and fam == "vote",
-                            weight_decay=cfg.weight_decay, R=cfg.R)
+                            weight_decay=cfg.weight_decay, R=cfg.R, layout=layout)
         if method is None:  # not through DDP
             method = M.create(cfg.method, model, cluster, lr=cfg.lr, beta=cfg.beta,
                               schedule=cfg.schedule, seed=cfg.seed,

@@ -51,6 +51,7 @@ from .buckets import Bucket
 from .comm.base import RankMismatchError
 from .contribution import KINDS as CONTRIBUTIONS, RPolicy
 from .engine import MOMENTUM_INITS, Layout, Prepared, VoteEngine
+from .hierarchy import check_options as check_hierarchy, make_hierarchy, piece_ranges
 from .kernels.rules import VoteRule
 from .optim.common import check_beta
 from .optim.majority import MVSM
@@ -59,7 +60,7 @@ from .vote import SCHEDULES
 
 #: The MVSM options that mean something to the hook (the preset lock applies to them).
 OPTIONS = ("beta", "variant", "R", "schedule", "seed", "tie", "contribution",
-           "momentum_init", "byzantine", "backend")
+           "momentum_init", "byzantine", "backend", "hierarchy", "ranks_per_node")
 _DEFAULTS = {k: v.default for k, v in inspect.signature(MVSM.__init__).parameters.items()
              if k in OPTIONS}
 #: MVSM options the hook does not take, and where their job is done instead.
@@ -72,10 +73,6 @@ REFUSED = {
     "overlap": "the hook posts each bucket's vote during backward by itself",
     "lockstep_every": "DDP keeps the replicas in step; compare parameters yourself if needed",
     "transport": "the hook talks through torch.distributed: pass process_group=",
-    "hierarchy": "the hook has no hierarchical vote yet: use signcomm.MVSM(..., "
-                 "hierarchy=...) (MPI or torch.distributed transport)",
-    "ranks_per_node": "the hook has no hierarchical vote yet: use signcomm.MVSM(..., "
-                      "ranks_per_node=k) (MPI or torch.distributed transport)",
 }
 
 
@@ -112,6 +109,7 @@ def resolve_options(method: str, options: dict) -> tuple:
         raise ValueError(f"momentum_init must be one of {MOMENTUM_INITS}, "
                          f"got {kwargs['momentum_init']!r}")
     RPolicy(kwargs["R"])
+    check_hierarchy(kwargs["hierarchy"], kwargs["ranks_per_node"])
     kwargs["seed"] = int(kwargs["seed"])
     return key, kwargs
 
@@ -139,6 +137,9 @@ class MVSMHookState:
         self.process_group = process_group
         self._step = 0
         self.momentum = {}      # parameter index -> v_{t-1} (fp32, on the parameters' device)
+        # hierarchical vote: parameter index -> (engine bucket, lo, hi): the momentum is
+        # coordinates lo .. hi - 1 of the parameter (this rank's piece of the machine's)
+        self.pieces = {}
         self.stats = {}
         self.buckets = ()       # DDP's buckets at the last step (parameter indices, in order)
         self._rt = None
@@ -188,7 +189,20 @@ class MVSMHookState:
         return {"step": self._step,
                 "momentum": {i: v.detach().clone() for i, v in sorted(self.momentum.items())},
                 "method": self.method, "options": dict(self.options),
-                "rank": None if t is None else t.rank, "size": None if t is None else t.size}
+                "rank": None if t is None else t.rank, "size": None if t is None else t.size,
+                "hierarchy": self.layout_record(),
+                "pieces": {i: list(v) for i, v in sorted(self.pieces.items())}}
+
+    @property
+    def hierarchy(self):
+        """The hierarchical vote's ``Hierarchy`` once attached (None: flat, or detached)."""
+        return None if self._rt is None else self._rt.hierarchy
+
+    def layout_record(self):
+        """The hierarchical vote's layout once attached (machines, ranks per machine,
+        local rank: the momentum is this rank's shards), else None."""
+        h = self.hierarchy
+        return None if h is None else dict(h.describe(), local_rank=h.local_rank)
 
     def load_state_dict(self, state: dict):
         """Resume from ``state_dict()``: the next step continues the saved run bit for bit
@@ -197,6 +211,17 @@ class MVSMHookState:
             raise ValueError(f"checkpoint is for {state['method']!r}, this hook runs "
                              f"{self.method!r}")
         saved = state.get("options", {})
+        for key in ("hierarchy", "ranks_per_node"):
+            if saved.get(key) != self.options[key]:
+                raise ValueError(f"checkpoint was written with {key}={saved.get(key)!r}, this "
+                                 f"hook has {self.options[key]!r}: under the hierarchical vote a "
+                                 "rank keeps its shard of its machine's momentum, so a checkpoint "
+                                 "resumes only on the layout that wrote it")
+        mine = self.layout_record()
+        if mine is not None and state.get("hierarchy") not in (None, mine):
+            raise ValueError(f"checkpoint was written by the hierarchical layout "
+                             f"{state['hierarchy']}, this rank runs {mine}: load the file this "
+                             "rank wrote, on the same machines and ranks per machine")
         for key in ("seed", "variant", "contribution", "momentum_init"):
             if key in saved and saved[key] != self.options[key]:
                 warnings.warn(f"checkpoint {key}={saved[key]!r} differs from this hook's "
@@ -213,6 +238,8 @@ class MVSMHookState:
         self.step = int(state["step"])
         self.momentum = {int(i): v.detach().to(torch.float32, copy=True)
                          for i, v in state["momentum"].items()}
+        self.pieces = {int(i): (tuple(v[0]), int(v[1]), int(v[2]))
+                       for i, v in (state.get("pieces") or {}).items()}
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -317,11 +344,12 @@ class _Runtime:
         self._finalizer = weakref.finalize(self, _remove, handles)
         o = state.options
         self.transport = TorchDistTransport(state.process_group)
+        self.hierarchy = make_hierarchy(self.transport, o["hierarchy"], o["ranks_per_node"])
         self.engine = VoteEngine(self.transport, rule=VoteRule(o["variant"], o["tie"]),
                                  schedule=o["schedule"], seed=o["seed"],
                                  contribution=o["contribution"], R=o["R"],
                                  momentum_init=o["momentum_init"], invert=o["byzantine"],
-                                 backend=o["backend"])
+                                 backend=o["backend"], hierarchy=self.hierarchy)
         self.engine.step = state.step
         self.layouts = {}
         self.iteration = None
@@ -391,7 +419,8 @@ class _Runtime:
             buckets = [Bucket([self.params[i] for i in ix],
                               np.array([self.numel[i] for i in ix], np.int64), off)
                        for ix, off in runs]
-            lay = Layout([p for b in buckets for p in b.params], buckets=buckets)
+            lay = Layout([p for b in buckets for p in b.params], buckets=buckets,
+                         shard=self.engine.shard)
             self.layouts[key] = lay
         return lay
 
@@ -401,7 +430,7 @@ class _Runtime:
         pos = self._positions()
         group = _Group(entries)
         sig_used, sig_shapes, total, error = [], [], 0, None
-        layout = None
+        layout, runs_of = None, []
         for e in entries:
             total += len(e.idx)
             grad_of = dict(zip(e.idx, e.grads))
@@ -424,22 +453,28 @@ class _Runtime:
                 error = f"BackendError: {exc}"
                 continue
             layout = lay
-            beta = state.options["beta"]
             for bi, (ix, _) in enumerate(runs):
-                p = engine.prepare(lay, bi, [grad_of[i].detach() for i in ix], [beta] * len(ix),
-                                   [None if state.stateless else state.momentum.get(i) for i in ix],
-                                   [self.names[i] for i in ix])
-                group.prepared.append((p, lay, ix))
-                e.runs.append((lay, bi, ix, p))
+                runs_of.append((e, lay, bi, ix, [grad_of[i].detach() for i in ix]))
         signature = {"step": engine.step, "DDP buckets": tuple(tuple(e.idx) for e in entries),
                      "parameters with a gradient": tuple(sig_used),
                      "parameter shapes and dtypes": tuple(sig_shapes),
                      "beta": float(state.options["beta"])}
         what = (f"the vote of DDP bucket(s) {', '.join(str(e.index) for e in entries)} at step "
                 f"{engine.step} (parameters with a gradient, shapes, settings, gradients)")
-        npad = total - sum(len(ix) for _, _, ix in group.prepared)
+        npad = total - sum(len(r[3]) for r in runs_of)
         shared = engine.policy.shared
         name = f"signcomm.ddp.ctrl.b{entries[0].index}"
+        means = {}
+        if self.hierarchy is not None and layout is not None and error is None:
+            means = self.machine_means(runs_of, signature, what, npad if shared else 0, name)
+            self.move_pieces(runs_of)
+        beta = state.options["beta"]
+        for e, lay, bi, ix, grads in runs_of:
+            p = engine.prepare(lay, bi, means.get((id(lay), bi), grads), [beta] * len(ix),
+                               [None if state.stateless else state.momentum.get(i) for i in ix],
+                               [self.names[i] for i in ix])
+            group.prepared.append((p, lay, ix))
+            e.runs.append((lay, bi, ix, p))
         if layout is None or error is not None:
             # nothing to vote here (or a local error): the agreement still runs, so that
             # every rank raises or goes on alike
@@ -455,6 +490,37 @@ class _Runtime:
             group.control = engine.start_control(layout, [p for p, _, _ in group.prepared]
                                                  + group.pad, signature, what, name=name)
         self.iteration["groups"].append(group)
+
+    def move_pieces(self, runs_of):
+        """Under the hierarchy a parameter's momentum is the piece its engine bucket's
+        shard holds; when DDP's buckets change, the pieces move inside the machine
+        (every rank of the machine sees the same change, in the same order)."""
+        state = self.state
+        if state.stateless:
+            return
+        for _, lay, bi, ix, _ in runs_of:
+            key = tuple(ix)
+            new = piece_ranges(lay.whole[bi], lay.buckets[bi])
+            for i, (lo, hi) in zip(ix, new):
+                old = state.pieces.get(i)
+                if i in state.momentum and old is not None and old[0] != key:
+                    state.momentum[i] = self.hierarchy.regather(
+                        state.momentum[i], old[1], old[2], self.numel[i], lo, hi)
+                    state.pieces[i] = (key, lo, hi)
+
+    def machine_means(self, runs_of, signature, what, npad, name):
+        """The hierarchical vote's first half for these engine buckets: stage their
+        gradients, agree (an error on every rank before any gradient moves), and the
+        machine mean of this rank's shard of each: {(id(layout), bucket): segments}."""
+        engine = self.engine
+        staged = [(lay, engine.stage(lay, bi, grads, [self.names[i] for i in ix]))
+                  for _, lay, bi, ix, grads in runs_of]
+        pad = [Prepared(-1, None, np.zeros(npad), [], 0.0)] if npad else []
+        engine.start_control(runs_of[0][1], [p for _, p in staged] + pad, signature, what,
+                             name=name + ".mean").wait()
+        for lay, p in staged:
+            engine.reduce(lay, [p])
+        return {(id(lay), p.bi): engine.mean_segments(lay, p.bi) for lay, p in staged}
 
     def progress(self, block: bool):
         """Post what can be posted, each channel in the same order on every rank: a
@@ -503,6 +569,10 @@ class _Runtime:
                 if not state.stateless:
                     for j, i in enumerate(ix):
                         state.momentum[i] = layout.momentum(p.bi, j)
+                    if self.hierarchy is not None:
+                        for i, (lo, hi) in zip(ix, piece_ranges(layout.whole[p.bi],
+                                                                layout.buckets[p.bi])):
+                            state.pieces[i] = (tuple(ix), lo, hi)
         keep = set()
         for g in it["groups"]:
             for e in g.entries:
@@ -516,6 +586,11 @@ class _Runtime:
                            bytes_sent=summary.bytes_sent,
                            bytes_received=summary.bytes_received,
                            clamped=sum(p.clamped for g in it["groups"] for p, _, _ in g.prepared))
+        if self.hierarchy is not None:  # the machines' vote; the calls inside one
+            state.stats.update(cross_bytes_sent=summary.data_bytes_sent,
+                               cross_bytes_received=summary.data_bytes_received,
+                               local_bytes_sent=summary.local_bytes_sent,
+                               local_bytes_received=summary.local_bytes_received)
         state.step = step + 1
         self.layouts = {k: v for k, v in self.layouts.items() if id(v) in keep}
         entries = it["entries"]
@@ -534,7 +609,7 @@ class _Runtime:
         written = set()
         for layout, bi, ix, p in e.runs:
             keep.add(id(layout))
-            b = layout.buckets[bi]
+            b = layout.whole[bi]    # the whole bucket (its shard, under the hierarchy, voted)
             backend = self.engine.backend(layout.device)
             o = backend.to_torch(backend.values(p.handle.vote, b.d))
             start = 0

@@ -75,7 +75,8 @@ class Layout:
             self.spans = [shard_span(b.d, k) for b in self.whole]
             self.staged = [torch.zeros(k * s, dtype=torch.float32, device=self.device)
                            for s in self.spans]
-            self.mean = [torch.zeros(s, dtype=torch.float32, device=self.device) for s in self.spans]
+            self.mean = [torch.zeros(s, dtype=torch.float32, device=self.device)
+                         for s in self.spans]
         self.flat, self.views, self.cur = [], [], [0] * len(self.buckets)
         for b in self.buckets:
             pair = [torch.empty(b.d, dtype=torch.float32, device=self.device) for _ in range(2)]
@@ -149,14 +150,18 @@ class VoteEngine:
         self.layout = None
 
     # -- layout, backend -----------------------------------------------------------------
+    @property
+    def shard(self):
+        """(k, local rank) under the hierarchical vote (``Layout``'s ``shard=``), else None."""
+        h = self.hierarchy
+        return None if h is None else (h.k, h.local_rank)
+
     def layout_for(self, params) -> Layout:
         """The layout of ``params`` (kept while the same parameters come back; a new one
         starts with the momentum of ``prepare``'s ``prev`` arguments)."""
         key = tuple(id(p) for p in params)
         if self.layout is None or self.layout.key != key:
-            h = self.hierarchy
-            self.layout = Layout(params, self.bucket_elements,
-                                 shard=None if h is None else (h.k, h.local_rank))
+            self.layout = Layout(params, self.bucket_elements, shard=self.shard)
         return self.layout
 
     def backend(self, device):
@@ -202,7 +207,8 @@ class VoteEngine:
                     if prev[j] is not v:  # loaded or set from outside: take its values
                         if prev[j].numel() != v.numel():
                             raise ValueError(f"the momentum given for {names[j]} has "
-                                             f"{prev[j].numel()} values, this rank keeps {v.numel()}")
+                                             f"{prev[j].numel()} values, this rank keeps "
+                                             f"{v.numel()}")
                         v.reshape(-1).copy_(prev[j].detach().reshape(-1))
                     mode = MODE_LERP
                 vmax[j] = self._momentum(backend, layout, g, names[j], v, out, betas[j], mode, bad)

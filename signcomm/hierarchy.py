@@ -73,6 +73,16 @@ def shard_bucket(bucket: Bucket, k: int, i: int) -> Bucket:
     return Bucket(bucket.params, sizes, bucket.offset + lo)
 
 
+def piece_ranges(whole: Bucket, shard: Bucket):
+    """(lo, hi) per parameter of ``whole``: the part of the parameter (its own flat
+    coordinates) that ``shard`` (a ``shard_bucket`` of it) holds, maybe empty."""
+    ends = np.cumsum(whole.sizes)
+    starts = ends - whole.sizes
+    lo = shard.offset - whole.offset
+    a = np.clip(lo - starts, 0, whole.sizes)
+    return [(int(x), int(x) + int(n)) for x, n in zip(a, shard.sizes)]
+
+
 def machine_mean(rows, out):
     """The machine's mean gradient over its k ranks, from ``rows`` (k, span) fp32, row j
     from local rank j, into ``out`` (span,): ``((g_0 + g_1) + g_2) + ... + g_{k-1}``,
@@ -125,6 +135,18 @@ class Hierarchy:
         with self.local.ledger.kind("local"):
             return np.asarray(self.local.allreduce(np.ascontiguousarray(values, np.float64),
                                                    "max"))
+
+    def regather(self, piece, lo, hi, numel, new_lo, new_hi):
+        """A parameter's momentum moves to another cut into shards (a face whose buckets
+        change, e.g. DDP's after its first iteration): this rank holds coordinates
+        lo .. hi - 1 of it (``piece``, fp32), the machine's ranks hold the rest; returns
+        coordinates new_lo .. new_hi - 1, bit for bit (one int32 SUM inside the machine
+        of the pieces' bit patterns, each coordinate held by one rank)."""
+        full = torch.zeros(numel, dtype=torch.int32, device=piece.device)
+        full[lo:hi] = piece.detach().reshape(-1).to(torch.float32).view(torch.int32)
+        with self.local.ledger.kind("local"):
+            got = self.local.allreduce(full, "sum")
+        return got[new_lo:new_hi].view(torch.float32).clone()
 
     # -- 3-4. the vote among machines, then the whole vote inside the machine ---------------
     def rounds(self, schedule, packed, d_shard, d, span, step, offset, *, backend, name):

@@ -197,8 +197,8 @@ def simulate(method, n, steps, *, lr=0.05, beta=None, weight_decay=0.0, seed=0,
                 x = x + step_size * o[first:first + size]
                 params[name] = _round(x, p.dtype).reshape(p.shape)
                 first += size
-            trajectory.append(flat(params) if start is None else
-                              np.concatenate([params[k].float().reshape(-1).numpy() for k in params]))
+            trajectory.append(flat(params) if start is None else np.concatenate(
+                [params[k].float().reshape(-1).numpy() for k in params]))
     finally:
         torch.set_num_threads(torch_threads)
     return np.stack(trajectory), momenta

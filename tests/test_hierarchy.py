@@ -20,7 +20,8 @@ from harness import launch
 # the worker's configurations, restated
 CORE = [(m, s, {}) for m in ("mvsm-v1", "mvsm-v2") for s in ("allgather", "sharded", "allreduce")]
 TIE_ZERO = ("mvsm-v1", "sharded", {"tie": "zero"})   # H even: ties, the sharded mask
-CONFIGS = CORE + [("signum-mv", "sharded", {}), TIE_ZERO, ("sto-signsgd", "allgather", {"R": "local"})]
+CONFIGS = CORE + [("signum-mv", "sharded", {}), TIE_ZERO,
+                  ("sto-signsgd", "allgather", {"R": "local"})]
 CONFIGS_OF = {(2, 2): CONFIGS, (3, 2): CORE, (2, 3): CORE + [TIE_ZERO]}
 LAYOUTS = {4: [(2, 2)], 6: [(3, 2), (2, 3)]}
 BUCKETS = [300, 207 + 5, 130]   # the problem's fusion buckets at bucket_elements = 256
@@ -201,16 +202,23 @@ def test_all_ranks_identical(job):
 @pytest.mark.multirank
 def test_torch_distributed_transport():
     """The same contract over torch.distributed (gloo), 4 ranks with torchrun's
-    environment: 2 x 2 (v1 sharded, v2 allreduce) and the host (LOCAL_RANK and
-    LOCAL_WORLD_SIZE: one machine of 4) against the oracle."""
+    environment: MVSM on 2 x 2 (v1 sharded, v2 allreduce) and the host (LOCAL_RANK and
+    LOCAL_WORLD_SIZE: one machine of 4), and the DDP hook + SGD(lr) on 2 x 2 (DDP's
+    buckets change after the first iteration: the momentum pieces move inside the
+    machine), against the oracle."""
     job = launch("hier_torch.py", 4, launcher="torch", timeout=280, env=ENV)
     for tag, method, H, k in (("2x2-mvsm-v1-sharded", "mvsm-v1", 2, 2),
                               ("2x2-mvsm-v2-allreduce", "mvsm-v2", 2, 2),
-                              ("host-mvsm-v1-allgather", "mvsm-v1", 1, 4)):
+                              ("host-mvsm-v1-allgather", "mvsm-v1", 1, 4),
+                              ("ddp-2x2-mvsm-v1-sharded", "mvsm-v1", 2, 2),
+                              ("ddp-2x2-mvsm-v2-allgather", "mvsm-v2", 2, 2)):
         want = oracle(method, H, k)
         for r in range(4):
             assert job[r][f"layout-{tag}"].tolist() == [H, k]
-            assert bits_equal(job[r][tag], want), f"{tag} rank {r}: {first_difference(job[r][tag], want)}"
+            assert bits_equal(job[r][tag], want), \
+                f"{tag} rank {r}: {first_difference(job[r][tag], want)}"
+            if tag.startswith("ddp"):
+                assert int(job[r][f"cross-{tag}"]) > 0
 
 
 # -- mpi_examples/train.py ----------------------------------------------------------------

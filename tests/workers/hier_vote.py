@@ -25,7 +25,8 @@ world = MPI.COMM_WORLD
 rank, n = world.Get_rank(), world.Get_size()
 CORE = [(m, s, {}) for m in ("mvsm-v1", "mvsm-v2") for s in ("allgather", "sharded", "allreduce")]
 TIE_ZERO = ("mvsm-v1", "sharded", {"tie": "zero"})   # H even: ties, the sharded mask
-CONFIGS = CORE + [("signum-mv", "sharded", {}), TIE_ZERO, ("sto-signsgd", "allgather", {"R": "local"})]
+CONFIGS = CORE + [("signum-mv", "sharded", {}), TIE_ZERO,
+                  ("sto-signsgd", "allgather", {"R": "local"})]
 CONFIGS_OF = {(2, 2): CONFIGS, (3, 2): CORE, (2, 3): CORE + [TIE_ZERO]}
 LAYOUTS = {4: [(2, 2)], 6: [(3, 2), (2, 3)]}[n]
 out = {}
