@@ -205,7 +205,7 @@ def test_torch_distributed_transport():
     environment: MVSM on 2 x 2 (v1 sharded, v2 allreduce) and the host (LOCAL_RANK and
     LOCAL_WORLD_SIZE: one machine of 4), and the DDP hook + SGD(lr) on 2 x 2 (DDP's
     buckets change after the first iteration: the momentum pieces move inside the
-    machine), against the oracle."""
+    machine), against the oracle; the hook's checkpoint resumes bit for bit."""
     job = launch("hier_torch.py", 4, launcher="torch", timeout=280, env=ENV)
     for tag, method, H, k in (("2x2-mvsm-v1-sharded", "mvsm-v1", 2, 2),
                               ("2x2-mvsm-v2-allreduce", "mvsm-v2", 2, 2),
@@ -219,6 +219,8 @@ def test_torch_distributed_transport():
                 f"{tag} rank {r}: {first_difference(job[r][tag], want)}"
             if tag.startswith("ddp"):
                 assert int(job[r][f"cross-{tag}"]) > 0
+    for r in range(4):  # the hook's checkpoint resumes bit for bit
+        assert bits_equal(job[r]["ddp-resumed"], job[r]["ddp-2x2-mvsm-v1-sharded"][2:]), f"rank {r}"
 
 
 # -- mpi_examples/train.py ----------------------------------------------------------------

@@ -47,24 +47,43 @@ class Model(torch.nn.Module):
 
 
 unused = P.init_params()["unused"]
-for tag, method, schedule in (("ddp-2x2-mvsm-v1-sharded", "mvsm-v1", "sharded"),
-                              ("ddp-2x2-mvsm-v2-allgather", "mvsm-v2", "allgather")):
+
+
+def ddp_train(method, schedule, steps, first=0, params=None, hook_state=None):
+    """(trajectory, hook state, parameters) of DDP + hook (2 x 2) + SGD(lr)."""
     model = Model()
+    if params is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(params[name])
     ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
     state = signcomm.ddp.register(ddp, method, seed=P.SEED, schedule=schedule, ranks_per_node=2)
+    if hook_state is not None:
+        state.load_state_dict(hook_state)
     opt = torch.optim.SGD(ddp.parameters(), lr=P.LR)
     traj = []
-    for t in range(P.STEPS):
-        now = dict(model.named_parameters(), unused=unused)
-        grads = P.rank_grads({k: v.detach() for k, v in now.items()}, rank, t)
+    for t in range(first, first + steps):
+        now = {k: v.detach() for k, v in dict(model.named_parameters(), unused=unused).items()}
+        grads = P.rank_grads(now, rank, t)
         opt.zero_grad()
-        loss = ddp(grads)
-        loss.backward()
+        ddp(grads).backward()
         opt.step()
         traj.append(P.flat({k: v.detach() for k, v in
                             dict(model.named_parameters(), unused=unused).items()}))
-    out[tag] = np.stack(traj)
-    out[f"layout-{tag}"] = [state.layout_record()["machines"], state.layout_record()["ranks_per_node"]]
+    return np.stack(traj), state, {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+for tag, method, schedule in (("ddp-2x2-mvsm-v1-sharded", "mvsm-v1", "sharded"),
+                              ("ddp-2x2-mvsm-v2-allgather", "mvsm-v2", "allgather")):
+    out[tag], state, _ = ddp_train(method, schedule, P.STEPS)
+    layout = state.layout_record()
+    out[f"layout-{tag}"] = [layout["machines"], layout["ranks_per_node"]]
     out[f"cross-{tag}"] = state.stats["cross_bytes_sent"]
+# the hook's checkpoint: stop after 2 steps, resume in a new DDP model (whose buckets are
+# rebuilt again: the loaded pieces move), compare with the run that went on
+_, state, params = ddp_train("mvsm-v1", "sharded", 2)
+saved = state.state_dict()
+out["ddp-resumed"] = ddp_train("mvsm-v1", "sharded", P.STEPS - 2, first=2, params=params,
+                               hook_state=saved)[0]
 save_result(**out)
 dist.destroy_process_group()
