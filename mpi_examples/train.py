@@ -489,10 +489,14 @@ def run_one(cfg: RunConfig, cluster, data, args, metrics_path, log) -> RunResult
     byzantine = rank >= n - cfg.byzantine
     fam = DDP.family(cfg.method)
     layout = hierarchy_options(args)
-    if layout and (fam != "vote" or cluster.engine not in ("mpi", "torch")):
+    if layout and fam != "vote":
         raise UsageError(f"--hierarchy / --ranks-per-node apply to the majority-vote methods "
-                         f"({', '.join(M.VOTE_METHODS)}) under mpirun or torchrun, not to "
-                         f"{cfg.method} on {cluster.engine}")
+                         f"({', '.join(M.VOTE_METHODS)}), not to {cfg.method}")
+    if layout and cluster.engine == "horovod" and \
+            os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS", "0") in ("", "0"):
+        raise UsageError("--hierarchy / --ranks-per-node under horovodrun make Horovod process "
+                         "sets after hvd.init(): run with HOROVOD_DYNAMIC_PROCESS_SETS=1 "
+                         "(export it before horovodrun)")
     try:
         method = DDP.create(cfg.method, model, cluster, lr=cfg.lr, beta=cfg.beta,
                             schedule=cfg.schedule, seed=cfg.seed,

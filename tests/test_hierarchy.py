@@ -15,6 +15,7 @@ import pytest
 
 import hier_problem as P
 import optim_oracle as O
+from conftest import requires_horovod
 from harness import launch
 
 # the worker's configurations, restated
@@ -221,6 +222,23 @@ def test_torch_distributed_transport():
                 assert int(job[r][f"cross-{tag}"]) > 0
     for r in range(4):  # the hook's checkpoint resumes bit for bit
         assert bits_equal(job[r]["ddp-resumed"], job[r]["ddp-2x2-mvsm-v1-sharded"][2:]), f"rank {r}"
+
+
+@requires_horovod
+@pytest.mark.multirank
+def test_horovod_transport():
+    """Over Horovod's dynamic process sets (HOROVOD_DYNAMIC_PROCESS_SETS=1), 4 ranks under
+    horovodrun: 2 x 2 (v2 sharded) and the host (Horovod's node: one machine of 4, the
+    global process set) against the oracle."""
+    job = launch("hier_hvd.py", 4, launcher="horovodrun", timeout=280,
+                 env=dict(ENV, HOROVOD_DYNAMIC_PROCESS_SETS="1"))
+    for tag, method, H, k in (("2x2-mvsm-v2-sharded", "mvsm-v2", 2, 2),
+                              ("host-mvsm-v1-allreduce", "mvsm-v1", 1, 4)):
+        want = oracle(method, H, k)
+        for r in range(4):
+            assert job[r][f"layout-{tag}"].tolist() == [H, k]
+            assert bits_equal(job[r][tag], want), \
+                f"{tag} rank {r}: {first_difference(job[r][tag], want)}"
 
 
 # -- mpi_examples/train.py ----------------------------------------------------------------

@@ -232,7 +232,8 @@ class Transport:
     # -- sub-groups (the hierarchical vote) ---------------------------------------------
     def split(self, color: int, key: int, *, tag=None) -> "Transport":
         """A transport over the ranks that pass the same ``color``, ranked by ``key``
-        (collective), sharing this transport's ledger.  MPI and torch.distributed have it."""
+        (collective), sharing this transport's ledger.  MPI, torch.distributed and Horovod
+        have it."""
         raise TransportError(f"the {self.name} transport cannot make sub-groups yet, so the "
                              "hierarchical vote (hierarchy= / ranks_per_node=) needs the MPI "
                              "transport (transport='mpi', under mpirun) or torch.distributed "

@@ -20,6 +20,10 @@ def import_horovod():
     return hvd
 
 
+#: process sets added for sub-groups (the hierarchical vote), per member list
+_PROCESS_SETS = {}
+
+
 class HorovodTransport(Transport):
     """Collectives through Horovod on ``process_set`` (default: all ranks)."""
 
@@ -56,6 +60,50 @@ class HorovodTransport(Transport):
 
     def barrier(self):
         self.hvd.barrier(process_set=self.process_set)
+
+    # -- sub-groups (the hierarchical vote, ``signcomm.hierarchy``) ----------------------
+    def split(self, color: int, key: int, *, tag=None) -> "HorovodTransport":
+        """A transport over the ranks of this one that pass the same ``color``, ranked by
+        ``key``, sharing this transport's ledger (collective: one allgather of every
+        rank's color and key, then ``hvd.add_process_set`` for every group, in color
+        order, on every rank: Horovod's dynamic process sets, ``HOROVOD_DYNAMIC_PROCESS_SETS=1``
+        before ``hvd.init()``).  Horovod ranks a process set's members by their global
+        rank, so ``key`` must order them alike (otherwise a ``TransportError``).  Process
+        sets are made once per member list and shared."""
+        mine = np.array([int(color), int(key)], np.int64)
+        everyone = np.asarray(self.allgather(mine.view(np.uint8))).reshape(-1).view(np.int64)
+        everyone = everyone.reshape(self.size, 2).tolist()
+        ranks_of = self.process_set.ranks if self.process_set.ranks is not None else \
+            list(range(self.hvd.size()))
+        groups = {}
+        for r, (c, k) in enumerate(everyone):
+            groups.setdefault(c, []).append((k, ranks_of[r]))
+        made = None
+        for c in sorted(groups):
+            members = [g for _, g in sorted(groups[c])]
+            if members != sorted(members):
+                raise TransportError("Horovod ranks a process set's members by their global "
+                                     f"rank, and this split orders them otherwise ({members})")
+            if members == list(range(self.hvd.size())):
+                _PROCESS_SETS[tuple(members)] = self.hvd.global_process_set
+            if tuple(members) not in _PROCESS_SETS:
+                try:
+                    _PROCESS_SETS[tuple(members)] = self.hvd.add_process_set(members)
+                except (ValueError, RuntimeError) as exc:
+                    raise TransportError(
+                        f"Horovod cannot add a process set over ranks {members} ({exc}); the "
+                        "hierarchical vote makes its process sets after hvd.init(): set "
+                        "HOROVOD_DYNAMIC_PROCESS_SETS=1 in the environment of every rank") from exc
+            if c == color:
+                made = _PROCESS_SETS[tuple(members)]
+        out = HorovodTransport(made)
+        out.ledger = self.ledger
+        return out
+
+    def host_id(self) -> int:
+        """Horovod's node index (``hvd.cross_rank()``): the same for exactly the ranks on
+        this rank's host."""
+        return int(self.hvd.cross_rank())
 
     # -- buffers: torch tensors as they are; NumPy and CuPy through zero-copy views ----
     def _tensor(self, buf):
