@@ -76,7 +76,8 @@ class MVSM(torch.optim.Optimizer):
     After each ``step()``, ``self.stats`` holds this rank's figures for the step:
     ``compress_s`` (momentum + R + packing), ``comm_s`` (time inside collectives),
     ``vote_s`` (the vote kernels), ``update_s``, ``bytes_sent``, ``bytes_received`` and
-    ``clamped``; with the hierarchical vote also ``cross_bytes_sent`` /
+    ``clamped``; with the hierarchical vote also ``reduce_s`` (staging, agreement and
+    the machine mean, waits included), ``cross_bytes_sent`` /
     ``cross_bytes_received`` (the machines' vote) and ``local_bytes_sent`` /
     ``local_bytes_received`` (inside the machine).  ``self.transport.ledger`` has every call.
     """
@@ -216,6 +217,7 @@ class MVSM(torch.optim.Optimizer):
         if self._overlap is None or not self._overlap.started:
             ledger.begin_step(step)
         present = self.entries()
+        reduce_s = 0.0
         if self._overlap is not None and self._overlap.matches(present):
             layout, slices, prepared = self._overlap.finish()
         else:
@@ -234,7 +236,9 @@ class MVSM(torch.optim.Optimizer):
                 first += len(b.params)
             means = None
             if engine.hierarchy is not None and layout is not None:
+                t_reduce = time.perf_counter()
                 means = self._machine_means(layout, slices, present, step)
+                reduce_s = time.perf_counter() - t_reduce
             prepared = [self.prepare_bucket(layout, bi, present[sl],
                                             None if means is None else means[bi])
                         for bi, sl in enumerate(slices)]
@@ -269,7 +273,7 @@ class MVSM(torch.optim.Optimizer):
                           clamped=sum(p.clamped for p in prepared),
                           step_s=time.perf_counter() - t0)
         if self.hierarchy is not None:  # the vote among machines; the calls inside one
-            self.stats.update(cross_bytes_sent=summary.data_bytes_sent,
+            self.stats.update(reduce_s=reduce_s, cross_bytes_sent=summary.data_bytes_sent,
                               cross_bytes_received=summary.data_bytes_received,
                               local_bytes_sent=summary.local_bytes_sent,
                               local_bytes_received=summary.local_bytes_received)

@@ -74,6 +74,7 @@ for H, k in LAYOUTS:
         out[f"layout-{tag}"] = [opt.hierarchy.machines, opt.hierarchy.k,
                                 opt.hierarchy.machine, opt.hierarchy.local_rank]
         s = opt.stats
+        assert s["reduce_s"] >= 0 and s["step"] == P.STEPS - 1
         out[f"bytes-{tag}"] = [s["cross_bytes_sent"], s["cross_bytes_received"],
                                s["local_bytes_sent"], s["local_bytes_received"]]
         if rank < H:
