@@ -11,6 +11,8 @@ always zero and one with none.
 import numpy as np
 import torch
 
+import signcomm
+
 SHAPES = [("a", (300,)), ("b", (9, 23)), ("c", (5,)), ("z", (130,)), ("unused", (4,))]
 BUCKET = 256
 LR, SEED, STEPS = 0.05, 5, 4
@@ -57,3 +59,24 @@ def machine_grads(params, machine, step, k):
 def flat(params):
     return np.concatenate([params[name].detach().float().reshape(-1).numpy()
                            for name, _ in SHAPES])
+
+
+def train(method, schedule, grad_of, *, transport="mpi", steps=STEPS, params=None,
+          opt_state=None, **options):
+    """(trajectory, optimizer, parameters) of ``steps`` steps of ``create_optimizer(method,
+    ..., **options)`` from ``params`` (default the start; a checkpoint ``opt_state``
+    resumes its step), ``grad_of(params, step)`` giving the gradients."""
+    params = {k: v.clone() for k, v in (params or init_params()).items()}
+    opt = signcomm.create_optimizer(method, list(params.values()), lr=LR, seed=SEED,
+                                    schedule=schedule, transport=transport,
+                                    bucket_elements=BUCKET, **options)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    traj = []
+    for t in range(opt.engine.step, opt.engine.step + steps):
+        grads = grad_of(params, t)
+        for name, p in params.items():
+            p.grad = grads[name]
+        opt.step()
+        traj.append(flat(params))
+    return np.stack(traj), opt, params

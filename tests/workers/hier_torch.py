@@ -20,18 +20,8 @@ for tag, method, schedule, layout in (
         ("2x2-mvsm-v1-sharded", "mvsm-v1", "sharded", dict(ranks_per_node=2)),
         ("2x2-mvsm-v2-allreduce", "mvsm-v2", "allreduce", dict(ranks_per_node=2)),
         ("host-mvsm-v1-allgather", "mvsm-v1", "allgather", dict(hierarchy="host"))):
-    params = P.init_params()
-    opt = signcomm.create_optimizer(method, list(params.values()), lr=P.LR, seed=P.SEED,
-                                    schedule=schedule, transport="torch",
-                                    bucket_elements=P.BUCKET, **layout)
-    traj = []
-    for t in range(P.STEPS):
-        grads = P.rank_grads(params, rank, t)
-        for name, p in params.items():
-            p.grad = grads[name]
-        opt.step()
-        traj.append(P.flat(params))
-    out[tag] = np.stack(traj)
+    out[tag], opt, _ = P.train(method, schedule, lambda p, t: P.rank_grads(p, rank, t),
+                               transport="torch", **layout)
     out[f"layout-{tag}"] = [opt.hierarchy.machines, opt.hierarchy.k]
 
 # the DDP hook with ranks_per_node=2, then SGD(lr): x <- x - lr o

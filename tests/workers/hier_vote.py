@@ -36,23 +36,8 @@ def tag_of(method, schedule, extra):
     return "-".join([method, schedule] + [f"{k}={v}" for k, v in extra.items()])
 
 
-def train(method, schedule, extra, grad_of, transport="mpi", steps=P.STEPS, params=None,
-          opt_state=None, **layout):
-    """(trajectory, optimizer) of ``steps`` steps from ``params`` (default the start)."""
-    params = {k: v.clone() for k, v in (params or P.init_params()).items()}
-    opt = signcomm.create_optimizer(method, list(params.values()), lr=P.LR, seed=P.SEED,
-                                    schedule=schedule, transport=transport,
-                                    bucket_elements=P.BUCKET, **extra, **layout)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    traj = []
-    for t in range(opt.engine.step, opt.engine.step + steps):
-        grads = grad_of(params, t)
-        for name, p in params.items():
-            p.grad = grads[name]
-        opt.step()
-        traj.append(P.flat(params))
-    return np.stack(traj), opt, params
+def train(method, schedule, extra, grad_of, **options):
+    return P.train(method, schedule, grad_of, **extra, **options)
 
 
 def failure(fn):
