@@ -89,12 +89,12 @@ def machine_mean(rows, out):
     then ``/ k``, every operation in fp32 rounded to nearest.  For k = 2 any order gives
     the same bits; for k > 2 this order is the contract (docs/algorithms.md)."""
     k = rows.shape[0]
-    out.copy_(rows[0])
-    for j in range(1, k):
+    if k == 1:
+        return out.copy_(rows[0])
+    torch.add(rows[0], rows[1], out=out)   # one pass fewer than copy, then add
+    for j in range(2, k):
         out.add_(rows[j])
-    if k > 1:
-        out.div_(k)
-    return out
+    return out.div_(k)
 
 
 class Hierarchy:
