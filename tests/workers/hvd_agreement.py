@@ -23,6 +23,7 @@ from sklearn.datasets import load_digits
 import horovod.torch as hvd
 import compressors as C
 from harness import save_result
+from mlp import MLP
 
 hvd.init()
 torch.set_num_threads(1)
@@ -61,17 +62,6 @@ for i, (tag, (make, op, pre, post)) in enumerate(CASES.items()):
                                        prescale_factor=pre, postscale_factor=post))
     if tag == "matched":
         out["matched|g"] = g.numpy()
-
-
-class MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = torch.nn.Linear(64, 32)
-        self.fc2 = torch.nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def optimizer(model, prefix, compression, **opts):

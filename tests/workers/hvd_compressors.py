@@ -25,6 +25,7 @@ from sklearn.datasets import load_digits
 import horovod.torch as hvd
 import compressors as C
 from harness import save_result
+from mlp import MLP
 
 PS_RANKS = [0, 2]
 T0 = time.time()
@@ -47,17 +48,6 @@ def batch(r, size, t, micro=0):
     idx = np.arange(len(X))[r::size]
     pick = np.random.default_rng([r, t, micro]).choice(idx, BATCH, replace=False)
     return X[pick], Y[pick]
-
-
-class MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = torch.nn.Linear(64, 32)
-        self.fc2 = torch.nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 class TwoBranch(torch.nn.Module):
