@@ -110,6 +110,15 @@ class Prepared:
     clamped: int = 0
 
 
+def padded_values(values, capacity: int) -> np.ndarray:
+    """``values`` zero-padded to ``capacity`` (a length every rank shares)."""
+    if values.shape[0] > capacity:
+        raise ValueError(f"{values.shape[0]} control values exceed the capacity {capacity}")
+    out = np.zeros(int(capacity), np.float64)
+    out[:values.shape[0]] = values
+    return out
+
+
 class VoteEngine:
     """One rank's engine (see the module docstring).
 
@@ -272,9 +281,17 @@ class VoteEngine:
         return list(layout.mean[bi][:sum(sizes)].split(sizes))
 
     # -- 2. control ----------------------------------------------------------------------
-    def start_control(self, layout: Layout, prepared, signature, what, *, name=None):
+    def start_control(self, layout: Layout, prepared, signature, what, *, name=None,
+                      capacity=None):
         """Post the agreement (and shared-R maxima) of ``prepared`` buckets: one
-        non-blocking MAX-allreduce on channel 0.  ``wait()`` returns the maxima."""
+        non-blocking MAX-allreduce on channel 0.  ``wait()`` returns the maxima.
+
+        ``capacity``: a number of values every rank knows alike (e.g. the optimizer's
+        parameter count), at least the number of segments here: a shared R's maxima are
+        sent zero-padded to that length, so ranks that disagree on the layout (a
+        parameter with a gradient on one rank only) still post allreduces of one length
+        and get ``RankMismatchError`` on every rank.  (Without a shared R no values are
+        sent: the control is the signature's fixed length.)"""
         bad = [n for p in prepared for n in p.bad]
         errors = [p.error for p in prepared if p.error]
         error = errors[0] if errors else None
@@ -282,6 +299,8 @@ class VoteEngine:
             error = (f"non-finite gradient (NaN/Inf) in {', '.join(bad[:5])}"
                      f"{' and more' if len(bad) > 5 else ''} at step {self.step}; nothing was updated")
         values = np.concatenate([p.vmax for p in prepared]) if self.policy.shared else None
+        if capacity is not None and values is not None:
+            values = padded_values(values, capacity)
         sig = dict(signature, **self.signature(layout))
         return self.transport.start_agree(sig, error=error, what=what, values=values,
                                           channel=0, name=name)

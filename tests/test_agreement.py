@@ -28,6 +28,22 @@ def test_a_setting_that_differs_is_named_on_every_rank(job, case):
         assert bool(job[r][f"same-{case}"]), f"{case}: parameters moved on rank {r}"
 
 
+@pytest.mark.parametrize("launcher", ["mpirun", "torch"])
+def test_ranks_with_gradients_for_different_parameters_raise_on_every_rank(launcher):
+    """One rank's step has no gradient for a parameter (or none at all): the control
+    allreduce keeps one length (one value per optimizer parameter), so every rank gets
+    RankMismatchError naming the parameters (before, the lengths differed: gloo crashed
+    in the collective, MPI's outcome depended on the lengths)."""
+    job = launch("mismatch_grads.py", 2, launcher=launcher, args=[launcher.replace("mpirun", "mpi")],
+                 timeout=120, env={"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    for case in ("some-sr", "none-sr", "some-sign"):
+        for r in range(2):
+            err = str(job[r][f"err-{case}"])
+            assert err.startswith("RankMismatchError"), (case, err)
+            assert "parameter shapes and dtypes" in err, (case, err)
+            assert bool(job[r][f"same-{case}"]), f"{case}: parameters moved on rank {r}"
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(lr=True), "lr must be"), (dict(lr=0.1, beta=True), "beta must be"),
     (dict(lr=0.1, weight_decay=True), "weight_decay must be"),

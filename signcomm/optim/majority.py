@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 
+import numpy as np
 import torch
 
 from ..comm import get_transport
@@ -178,6 +179,17 @@ class MVSM(torch.optim.Optimizer):
                 "beta": tuple(float(g["beta"]) for g, _, _ in entries),
                 "weight_decay": tuple(float(g["weight_decay"]) for g, _, _ in entries)}
 
+    def control_capacity(self) -> int:
+        """The length of the step's control values: one per parameter of the optimizer
+        (the same on every rank running the same model, whichever parameters have a
+        gradient this step; see ``VoteEngine.start_control``)."""
+        return sum(len(g["params"]) for g in self.param_groups)
+
+    def no_control_values(self):
+        """The control values of a rank that has no bucket this step (no gradient, or an
+        error before the layout): as long as the other ranks' (``control_capacity``)."""
+        return np.zeros(self.control_capacity()) if self.engine.policy.shared else None
+
     def commit_bucket(self, layout, bi, entries):
         """v_t of bucket ``bi`` becomes the momentum and the parameters' state."""
         self.engine.commit(layout, bi)
@@ -195,7 +207,7 @@ class MVSM(torch.optim.Optimizer):
                   for bi, sl in enumerate(slices)]
         engine.start_control(layout, staged, self.signature(present),
                              f"the machine means of optimizer step {step} (parameter layout, "
-                             "settings and gradients)").wait()
+                             "settings and gradients)", capacity=self.control_capacity()).wait()
         engine.reduce(layout, staged)
         return [engine.mean_segments(layout, bi) for bi in range(len(slices))]
 
@@ -227,7 +239,8 @@ class MVSM(torch.optim.Optimizer):
                 layout = engine.layout_for([p for _, p, _ in present]) if present else None
             except BackendError as exc:  # e.g. mixed devices: an error on every rank
                 self.transport.start_agree((step,), error=f"BackendError: {exc}",
-                                           what=f"optimizer step {step}").wait()
+                                           what=f"optimizer step {step}",
+                                           values=self.no_control_values()).wait()
                 raise
             buckets = layout.buckets if layout is not None else []
             slices, first = [], 0
@@ -242,11 +255,11 @@ class MVSM(torch.optim.Optimizer):
             prepared = [self.prepare_bucket(layout, bi, present[sl],
                                             None if means is None else means[bi])
                         for bi, sl in enumerate(slices)]
-            control = engine.start_control(layout, prepared, self.signature(present),
-                                           f"the vote of optimizer step {step} (parameter "
-                                           "layout, settings and gradients)") \
+            what = f"the vote of optimizer step {step} (parameter layout, settings and gradients)"
+            control = engine.start_control(layout, prepared, self.signature(present), what,
+                                           capacity=self.control_capacity()) \
                 if layout is not None else self.transport.start_agree(
-                    (step, ()), what=f"the vote of optimizer step {step}")
+                    self.signature(present), what=what, values=self.no_control_values())
             maxima = control.wait()
             if not present:
                 engine.step += 1
