@@ -471,18 +471,28 @@ class MajorityVoteCompressor:
         st["wire_bytes"] += sum(m.nbytes for m in msgs)
         return torch.from_numpy(msgs[0]).to(tensor.device), ctx
 
+    def _known_r(self, key, n, wire):
+        """``_r_for``'s answer when it does not depend on this step's max |g| (a fixed R;
+        the common R once this tensor has a bound at this n), else None.  No side effects."""
+        if self.R == "common":
+            e, bn = self._bounds.get(key, (None, n))
+            if e is None or bn != n:
+                return None
+            return (RPolicy(W.bound(e, n)).resolve(np.zeros(1))[0],
+                    1 + e - W.exponent_range(n, wire)[0], "clamped_common")
+        if self.R == "local":
+            return None
+        return RPolicy(self.R).resolve(np.zeros(1))[0], 0, "clamped"
+
     def _r_for(self, key, local_max, n, wire):
         """(R as an RPolicy resolves it, r_code for the header, which stats key counts
         its clamps) for a tensor whose local max |g| is ``local_max``."""
-        if self.R == "common":
-            e, bn = self._bounds.get(key, (None, n))
-            if e is None or bn != n:   # a tensor's first step: its own max (docs/compressors.md)
-                self.stats["r_first"] += 1
-                return RPolicy("local").resolve(np.array([local_max]))[0], 0, None
-            return (RPolicy(W.bound(e, n)).resolve(np.array([local_max]))[0],
-                    1 + e - W.exponent_range(n, wire)[0], "clamped_common")
-        r = RPolicy(self.R).resolve(np.array([local_max]))[0]   # "local": R = 0 -> 1
-        return r, 0, (None if self.R == "local" else "clamped")
+        known = self._known_r(key, n, wire)
+        if known is not None:
+            return known
+        if self.R == "common":   # a tensor's first step: its own max (docs/compressors.md)
+            self.stats["r_first"] += 1
+        return RPolicy("local").resolve(np.array([local_max]))[0], 0, None   # R = 0 -> 1
 
     def _bits(self, x, n, rank, step, d, k, key, wire):
         """This rank's packed bits (NumPy), its NaN/Inf count (bits are zeros when > 0),
@@ -503,6 +513,18 @@ class MajorityVoteCompressor:
                 return zeros, nonfinite, None, 0, None
             return backend.host(backend.sign_pack(x, key_rng, 0)), 0, None, 0, None
         key_rng = rank_key(self.seed, K.Purpose.STOCHASTIC_SIGN, rank, step, d, k)
+        known = self._known_r(key, n, wire) if backend.name == "numba" else None
+        if known is not None:   # R known before the pass: S_R finds max |g| as it goes
+            v = x.numpy()
+            r, r_code, counter = known
+            packed, clamped, found = K.stochastic_sign_pack(v, r, key_rng, check_finite=False,
+                                                            max_abs=True)
+            local = float(found[0])   # NaN if v has a NaN or Inf
+            if not math.isfinite(local):
+                return zeros, max(1, _count_nonfinite(v)), None, 0, None
+            self.stats[counter] += int(clamped)
+            exponent = W.max_exponent(local, n) if self.common else None
+            return packed, 0, float(r), r_code, exponent
         if backend.name == "numba":
             v = x.numpy()
             local = float(local_max_abs(v, [d])[0])   # NaN if v has a NaN

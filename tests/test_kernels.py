@@ -492,6 +492,36 @@ def test_numba_equals_reference_sign_and_sr(seed, d, offset):
     assert clamped == want_clamped and nbad == 0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seg", [[0], [1], [8192], [8192, 8192, 1], [3, 0, 20_000, 0, 8189, 7],
+                                 [50_000, 0]])
+def test_sr_max_abs_is_local_max_abs(seg, dtype):
+    """stochastic_sign_pack's fused per-segment max |v| (segments across and on the
+    parallel chunks' boundaries, empty ones) == local_max_abs and the reference's; the
+    bits and clamp count do not change with max_abs."""
+    from signcomm.contribution import local_max_abs
+    seg = np.array(seg, np.int64)
+    d = int(seg.sum())
+    gen = np.random.default_rng(d)
+    v = (gen.standard_normal(d) * gen.choice([1e-3, 1.0, 30.0], d)).astype(dtype)
+    r = np.linspace(0.5, 2.0, seg.shape[0])
+    key = rng.key64(7, rng.stream_id(rng.Purpose.STOCHASTIC_SIGN, 2), 2)
+    packed, clamped, seg_max = K.stochastic_sign_pack(v, r, key, seg_sizes=seg, offset=5,
+                                                      max_abs=True)
+    want, want_clamped = K.stochastic_sign_pack(v, r, key, seg_sizes=seg, offset=5)
+    np.testing.assert_array_equal(packed, want)
+    assert clamped == want_clamped
+    np.testing.assert_array_equal(seg_max, local_max_abs(v, seg))
+    ref = reference.stochastic_sign_pack(v, seg, r, key, 5, with_max=True)
+    np.testing.assert_array_equal(ref[0], want)
+    np.testing.assert_array_equal(ref[3], seg_max)
+    if d:
+        v[d // 2] = np.nan
+        _, _, seg_max = K.stochastic_sign_pack(v, r, key, seg_sizes=seg, check_finite=False,
+                                               max_abs=True)
+        assert np.isnan(seg_max).all()
+
+
 @pytest.mark.parametrize("n", NS + [256])
 @given(seed=st.integers(0, 2**32 - 1), d=st.sampled_from(VOTE_SIZES) | st.integers(0, 300),
        offset=st.integers(0, 2**40))

@@ -96,32 +96,44 @@ def _segments(d, r, seg_sizes, xp):
 
 
 def stochastic_sign_pack(v, r, key: int, *, seg_sizes=None, offset: int = 0,
-                         check_finite: bool = True):
+                         check_finite: bool = True, max_abs: bool = False):
     """S_R(v) of Definition 1, eq. (8), packed: coordinate i is +1 with probability
     (R + v_i) / (2R), so E[S_R(v)] = v / R.  ``r`` is one R, or one per segment of the
     flat buffer with ``seg_sizes`` giving the segment lengths (summing to len(v)).
     Randomness: ``key`` (a ``rng.key64``, normally the rank's own stream) at position
     ``offset + i``.  |v_i| > R is clamped to probability 0 or 1.
 
-    Returns ``(packed, clamped)``; ``clamped`` counts coordinates with |v_i| > R.
+    Returns ``(packed, clamped)``; ``clamped`` counts coordinates with |v_i| > R.  With
+    ``max_abs=True``, ``(packed, clamped, seg_max)``: max |v| of each segment (float64; 0
+    for an empty one), found in the same pass, the values ``contribution.local_max_abs``
+    gives when v is finite; with a non-finite v (and ``check_finite=False``) every entry
+    is NaN.
     """
     _check_float_vector(v, "v")
     xp = array_module(v)
     d = v.shape[0]
     r_host, seg_sizes = _segments(d, r, seg_sizes, xp)
     if is_cupy(v):
-        packed, nbad, clamped = reference.stochastic_sign_pack(v, seg_sizes, r_host, key, offset)
+        packed, nbad, clamped, seg_max = reference.stochastic_sign_pack(
+            v, seg_sizes, r_host, key, offset, with_max=True)
     else:
         packed = np.empty(packed_nbytes(d), np.uint8)
         nonempty = seg_sizes > 0
         seg_ends = np.cumsum(seg_sizes)[nonempty]
         seg_ends = np.append(seg_ends, np.iinfo(np.int64).max)  # sentinel
         rr = np.append(r_host[nonempty], 1.0)
+        found = np.zeros(seg_ends.shape[0], np.float64)
         nbad, clamped = _cpu.stochastic_sign_pack(
-            _cpu_float(v), seg_ends, 0.5 / rr, rr, packed, np.uint64(key), offset)
+            _cpu_float(v), seg_ends, 0.5 / rr, rr, packed, found, np.uint64(key), offset)
+        seg_max = np.zeros(seg_sizes.shape[0], np.float64)
+        seg_max[nonempty] = found[:-1]
     if check_finite:
         _raise_nonfinite(nbad, "v")
-    return packed, int(clamped)
+    if not max_abs:
+        return packed, int(clamped)
+    if nbad:
+        seg_max = np.full(seg_sizes.shape[0], np.nan)
+    return packed, int(clamped), seg_max
 
 
 @dataclass
