@@ -519,7 +519,7 @@ class MajorityVoteCompressor:
             r, r_code, counter = known
             packed, clamped, found = K.stochastic_sign_pack(v, r, key_rng, check_finite=False,
                                                             max_abs=True)
-            local = float(found[0])   # NaN if v has a NaN or Inf
+            local = float(found[0])   # NaN if v has a NaN (as local_max_abs)
             if not math.isfinite(local):
                 return zeros, max(1, _count_nonfinite(v)), None, 0, None
             self.stats[counter] += int(clamped)

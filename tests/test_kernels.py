@@ -515,11 +515,14 @@ def test_sr_max_abs_is_local_max_abs(seg, dtype):
     ref = reference.stochastic_sign_pack(v, seg, r, key, 5, with_max=True)
     np.testing.assert_array_equal(ref[0], want)
     np.testing.assert_array_equal(ref[3], seg_max)
-    if d:
-        v[d // 2] = np.nan
+    for bad in (np.inf, np.nan) if d else ():   # NaN/Inf as local_max_abs gives them
+        v[d // 2] = bad
         _, _, seg_max = K.stochastic_sign_pack(v, r, key, seg_sizes=seg, check_finite=False,
                                                max_abs=True)
-        assert np.isnan(seg_max).all()
+        np.testing.assert_array_equal(seg_max, local_max_abs(v, seg))
+        assert np.isnan(seg_max).any() == np.isnan(bad)
+        np.testing.assert_array_equal(
+            reference.stochastic_sign_pack(v, seg, r, key, 0, with_max=True)[3], seg_max)
 
 
 @pytest.mark.parametrize("n", NS + [256])

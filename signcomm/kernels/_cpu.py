@@ -121,15 +121,17 @@ def sign_pack(x, out, zero_key, use_zero_key, offset):
 
 
 @pjit
-def stochastic_sign_pack(v, seg_ends, half_over_r, r, out, seg_max, key, offset):
+def stochastic_sign_pack(v, vbits, mask, seg_ends, half_over_r, r, out, seg_max, key, offset):
     """S_R of eq. (8), fused with packing.  Segment s covers [seg_ends[s-1], seg_ends[s])
     with bound r[s] (seg_ends ends with a sentinel past d); coordinate i gets bit 1 with
     probability p = 0.5 + v_i * (0.5 / R), clipped to [0, 1], decided by u_i < p with
     u_i the top 53 bits of its random word times 2**-53.  Returns (non-finite count,
-    clamped count) where clamped counts |v_i| > R.  Fused too: seg_max[s] (zeros on
-    entry, one per entry of seg_ends) becomes max |v_i| over segment s, exact when every
-    v_i is finite (a NaN is skipped: callers look at the non-finite count first); each
-    parallel task keeps the max of its piece of each segment, reduced at the end.
+    clamped count) where clamped counts |v_i| > R.  Fused too, as in
+    ``contribution._max_abs_bits``: seg_max[s] (zeros on entry, one per entry of
+    seg_ends) becomes the largest ``vbits[i] & mask`` over segment s, with vbits v's bit
+    patterns and mask clearing the sign bit: the pattern of max |v| or of a NaN (an
+    integer max vectorises; a float one with NaN rules does not).  Each parallel task
+    keeps the max of its piece of each segment, reduced at the end.
 
     The 53-bit integer is converted to float in two exact int32 halves (22 + 31 bits):
     AVX2 has no vector int64 -> float conversion, int32 -> float it has."""
@@ -137,7 +139,7 @@ def stochastic_sign_pack(v, seg_ends, half_over_r, r, out, seg_max, key, offset)
     nchunks = (d + SR_CHUNK - 1) // SR_CHUNK
     bad = np.zeros(nchunks, np.int64)
     clamped = np.zeros(nchunks, np.int64)
-    piece_max = np.zeros(nchunks + seg_ends.shape[0], np.float64)  # (chunk c, segment s) -> c + s
+    piece_max = np.zeros(nchunks + seg_ends.shape[0], vbits.dtype)  # (chunk c, segment s) -> c + s
     base = np.uint64(offset) * GOLDEN + GOLDEN + key  # word of i: mix(i * GOLDEN + base)
     for c in numba.prange(nchunks):
         i0 = c * SR_CHUNK
@@ -152,15 +154,16 @@ def stochastic_sign_pack(v, seg_ends, half_over_r, r, out, seg_max, key, offset)
             rs = r[s]
             hs = half_over_r[s]
             vs = v[a:e]
+            us = vbits[a:e]
             fs = flags[a - i0:e - i0]
             base_a = np.uint64(a) * GOLDEN + base
-            m = 0.0
+            m = mask ^ mask   # 0 of the mask's type
             for k in range(e - a):
                 x = np.float64(vs[k])
-                ax = abs(x)
-                nbad += np.int32(not (ax < np.inf))
-                nclamp += np.int32(ax > rs)
-                m = ax if ax > m else m
+                nbad += np.int32(not (abs(x) < np.inf))
+                nclamp += np.int32(abs(x) > rs)
+                ub = us[k] & mask
+                m = ub if ub > m else m
                 z = np.uint64(k) * GOLDEN + base_a
                 z = (z ^ (z >> np.uint64(30))) * MIX1
                 z = (z ^ (z >> np.uint64(27))) * MIX2

@@ -104,10 +104,9 @@ def stochastic_sign_pack(v, r, key: int, *, seg_sizes=None, offset: int = 0,
     ``offset + i``.  |v_i| > R is clamped to probability 0 or 1.
 
     Returns ``(packed, clamped)``; ``clamped`` counts coordinates with |v_i| > R.  With
-    ``max_abs=True``, ``(packed, clamped, seg_max)``: max |v| of each segment (float64; 0
-    for an empty one), found in the same pass, the values ``contribution.local_max_abs``
-    gives when v is finite; with a non-finite v (and ``check_finite=False``) every entry
-    is NaN.
+    ``max_abs=True``, ``(packed, clamped, seg_max)``: max |v| of each segment found in the
+    same pass, as ``contribution.local_max_abs`` gives it (float64; NaN for a segment with
+    a NaN, 0 for an empty one).
     """
     _check_float_vector(v, "v")
     xp = array_module(v)
@@ -122,17 +121,18 @@ def stochastic_sign_pack(v, r, key: int, *, seg_sizes=None, offset: int = 0,
         seg_ends = np.cumsum(seg_sizes)[nonempty]
         seg_ends = np.append(seg_ends, np.iinfo(np.int64).max)  # sentinel
         rr = np.append(r_host[nonempty], 1.0)
-        found = np.zeros(seg_ends.shape[0], np.float64)
+        vc = _cpu_float(v)
+        ut = np.uint32 if vc.dtype == np.float32 else np.uint64
+        found = np.zeros(seg_ends.shape[0], ut)
         nbad, clamped = _cpu.stochastic_sign_pack(
-            _cpu_float(v), seg_ends, 0.5 / rr, rr, packed, found, np.uint64(key), offset)
+            vc, vc.view(ut), ut(np.iinfo(ut).max >> 1), seg_ends, 0.5 / rr, rr, packed,
+            found, np.uint64(key), offset)
         seg_max = np.zeros(seg_sizes.shape[0], np.float64)
-        seg_max[nonempty] = found[:-1]
+        seg_max[nonempty] = found[:-1].view(vc.dtype)   # a NaN pattern stays NaN
     if check_finite:
         _raise_nonfinite(nbad, "v")
     if not max_abs:
         return packed, int(clamped)
-    if nbad:
-        seg_max = np.full(seg_sizes.shape[0], np.nan)
     return packed, int(clamped), seg_max
 
 

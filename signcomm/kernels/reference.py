@@ -41,8 +41,8 @@ def sign_pack(x, zero_key=None, offset=0):
 
 def stochastic_sign_pack(v, seg_sizes, r, key, offset=0, with_max=False):
     """S_R of eq. (8); returns (packed, non-finite count, clamped count), and with
-    ``with_max`` the max |v| of each segment (host float64, 0 if empty; exact when v is
-    finite)."""
+    ``with_max`` the max |v| of each segment (host float64; NaN if it has a NaN, 0 if
+    empty)."""
     xp = array_module(v)
     v64 = v.astype(xp.float64)
     reps = [int(s) for s in np.asarray(
@@ -58,7 +58,7 @@ def stochastic_sign_pack(v, seg_sizes, r, key, offset=0, with_max=False):
     if not with_max:
         return _packbits(xp, bits), nbad, clamped
     ends = np.cumsum(reps)
-    seg_max = np.array([float(xp.abs(v64[e - s:e]).max()) if s else 0.0
+    seg_max = np.array([float(xp.abs(v64[e - s:e]).max()) if s else 0.0   # max keeps NaN
                         for s, e in zip(reps, ends)], dtype=np.float64)
     return _packbits(xp, bits), nbad, clamped, seg_max
 
