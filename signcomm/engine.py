@@ -110,15 +110,6 @@ class Prepared:
     clamped: int = 0
 
 
-def padded_values(values, capacity: int) -> np.ndarray:
-    """``values`` zero-padded to ``capacity`` (a length every rank shares)."""
-    if values.shape[0] > capacity:
-        raise ValueError(f"{values.shape[0]} control values exceed the capacity {capacity}")
-    out = np.zeros(int(capacity), np.float64)
-    out[:values.shape[0]] = values
-    return out
-
-
 class VoteEngine:
     """One rank's engine (see the module docstring).
 
@@ -286,24 +277,36 @@ class VoteEngine:
         """Post the agreement (and shared-R maxima) of ``prepared`` buckets: one
         non-blocking MAX-allreduce on channel 0.  ``wait()`` returns the maxima.
 
-        ``capacity``: a number of values every rank knows alike (e.g. the optimizer's
-        parameter count), at least the number of segments here: a shared R's maxima are
-        sent zero-padded to that length, so ranks that disagree on the layout (a
-        parameter with a gradient on one rank only) still post allreduces of one length
-        and get ``RankMismatchError`` on every rank.  (Without a shared R no values are
-        sent: the control is the signature's fixed length.)"""
+        ``capacity``: a number of values every rank knows alike (``MVSM.control_capacity``),
+        at least the number of segments here: the values (a shared R's maxima, zeros
+        without one) are sent zero-padded to that length, so ranks that disagree on the
+        layout (a parameter with a gradient on one rank only) or on the R policy or
+        contribution still post allreduces of one length and get ``RankMismatchError``
+        on every rank."""
         bad = [n for p in prepared for n in p.bad]
         errors = [p.error for p in prepared if p.error]
         error = errors[0] if errors else None
         if bad and error is None:
             error = (f"non-finite gradient (NaN/Inf) in {', '.join(bad[:5])}"
                      f"{' and more' if len(bad) > 5 else ''} at step {self.step}; nothing was updated")
-        values = np.concatenate([p.vmax for p in prepared]) if self.policy.shared else None
-        if capacity is not None and values is not None:
-            values = padded_values(values, capacity)
         sig = dict(signature, **self.signature(layout))
-        return self.transport.start_agree(sig, error=error, what=what, values=values,
+        return self.transport.start_agree(sig, error=error, what=what,
+                                          values=self.control_values(prepared, capacity),
                                           channel=0, name=name)
+
+    def control_values(self, prepared, capacity=None):
+        """What the control carries: with a shared R, each segment's max |v_t| of the
+        ``prepared`` buckets (a rank with no bucket passes ``[]``), else nothing; given
+        a ``capacity``, always that many values (zero-padded), else None for nothing."""
+        if not self.policy.shared and capacity is None:
+            return None
+        values = np.concatenate([np.zeros(0)] + ([p.vmax for p in prepared]
+                                                 if self.policy.shared else []))
+        if capacity is None:
+            return values
+        if values.shape[0] > capacity:
+            raise ValueError(f"{values.shape[0]} control values exceed the capacity {capacity}")
+        return np.concatenate([values, np.zeros(int(capacity) - values.shape[0])])
 
     def resolve_r(self, prepared, maxima):
         """Per-prepared-bucket R arrays (None for sign contributions)."""

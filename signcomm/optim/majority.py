@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 import warnings
 
-import numpy as np
 import torch
 
 from ..comm import get_transport
@@ -180,15 +179,13 @@ class MVSM(torch.optim.Optimizer):
                 "weight_decay": tuple(float(g["weight_decay"]) for g, _, _ in entries)}
 
     def control_capacity(self) -> int:
-        """The length of the step's control values: one per parameter of the optimizer
-        (the same on every rank running the same model, whichever parameters have a
-        gradient this step; see ``VoteEngine.start_control``)."""
-        return sum(len(g["params"]) for g in self.param_groups)
-
-    def no_control_values(self):
-        """The control values of a rank that has no bucket this step (no gradient, or an
-        error before the layout): as long as the other ranks' (``control_capacity``)."""
-        return np.zeros(self.control_capacity()) if self.engine.policy.shared else None
+        """The length of the step's control values (``VoteEngine.start_control``): the
+        optimizer's parameter count rounded up to a power of two, at least 8.  So it is
+        the same on every rank whichever parameters have a gradient this step and
+        whatever the settings, and even for models whose parameter counts differ a
+        little (the agreement then names the difference)."""
+        count = sum(len(g["params"]) for g in self.param_groups)
+        return max(8, 1 << (count - 1).bit_length())
 
     def commit_bucket(self, layout, bi, entries):
         """v_t of bucket ``bi`` becomes the momentum and the parameters' state."""
@@ -240,7 +237,8 @@ class MVSM(torch.optim.Optimizer):
             except BackendError as exc:  # e.g. mixed devices: an error on every rank
                 self.transport.start_agree((step,), error=f"BackendError: {exc}",
                                            what=f"optimizer step {step}",
-                                           values=self.no_control_values()).wait()
+                                           values=engine.control_values(
+                                               [], self.control_capacity())).wait()
                 raise
             buckets = layout.buckets if layout is not None else []
             slices, first = [], 0
@@ -259,7 +257,8 @@ class MVSM(torch.optim.Optimizer):
             control = engine.start_control(layout, prepared, self.signature(present), what,
                                            capacity=self.control_capacity()) \
                 if layout is not None else self.transport.start_agree(
-                    self.signature(present), what=what, values=self.no_control_values())
+                    self.signature(present), what=what,
+                    values=engine.control_values([], self.control_capacity()))
             maxima = control.wait()
             if not present:
                 engine.step += 1
