@@ -121,9 +121,11 @@ else
         echo "$CHECK" | grep -qF "[X] $need" || fail "horovodrun --check-build does not list $need (is horovod.torch importable? try: $PY -c 'import horovod.torch'): $CHECK" \
             "delete $WHEEL_DIR and rerun make setup"
     done
-    MODE=$(timeout 120 horovodrun -np 2 "$PY" -c 'import horovod.torch as hvd; hvd.init(); print("MPI" if hvd.mpi_enabled() else "GLOO", hvd.size())' 2>&1) \
+    # Only rank 0 reports, in one write: horovodrun prefixes each chunk it reads with
+    # "[rank]", so two ranks printing word by word interleave ("[1] MPI[1]  [1] 2").
+    MODE=$(timeout 120 horovodrun -np 2 "$PY" -c 'import sys, horovod.torch as hvd; hvd.init(); hvd.rank() == 0 and sys.stdout.write("mode=%s size=%d\n" % ("MPI" if hvd.mpi_enabled() else "GLOO", hvd.size())); sys.stdout.flush()' 2>&1) \
         || fail "horovodrun -np 2 failed: $MODE" "check that .venv/bin/mpirun is MPICH (mpirun --version)"
-    echo "$MODE" | grep -q "MPI 2" || fail "horovodrun did not run in MPI mode: $MODE" \
+    echo "$MODE" | sed -E 's/\[[0-9]+\] ?//g' | grep -q "mode=MPI size=2" || fail "horovodrun did not run in MPI mode: $MODE" \
         "check that .venv/bin/mpirun comes first in PATH and is MPICH"
     echo "setup: horovodrun -np 2 runs in MPI mode"
 fi
