@@ -1,6 +1,8 @@
 """The overlap option changes timing, never results: overlapped and synchronous MVSM
 end bit-identical, on every rank, over both transports; a NaN mid-overlap still updates
-nothing anywhere."""
+nothing anywhere; ranks whose gradients cover different parameters get an error on every
+rank and train on afterwards, ranks that all lack the same gradients fall back to the
+synchronous step."""
 import numpy as np
 import pytest
 
@@ -28,3 +30,11 @@ def test_overlap_equals_sync(launcher, transport, n):
         hooks = list(job[r]["hook-counts"])
         assert hooks == [4, 0, 4, 0], f"rank {r}: hooks on the model while alive / after drop: {hooks}"
         np.testing.assert_array_equal(job[r]["after-drop-params"], job[0]["after-drop-params"])
+    for r in range(n):
+        errs = str(job[r]["sets-odd-1-errs"]).split("\n")
+        assert errs[0] == errs[2] == errs[3] == "no error", errs
+        assert errs[1].startswith("RankMismatchError") and "unchanged=True" in errs[1], errs[1]
+        assert "every rank must have gradients for the same parameters" in errs[1], errs[1]
+        np.testing.assert_array_equal(job[r]["sets-odd-1-params"], job[0]["sets-odd-1-params"])
+        assert str(job[r]["sets-all-1-errs"]) == "\n".join(["no error"] * 4)
+        np.testing.assert_array_equal(job[r]["sets-all-1-params"], job[r]["sets-all-0-params"])

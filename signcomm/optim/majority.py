@@ -231,7 +231,7 @@ class MVSM(torch.optim.Optimizer):
             layout, slices, prepared = self._overlap.finish()
         else:
             if self._overlap is not None:
-                self._overlap.reset()
+                self._overlap.reset(present)
             try:
                 layout = engine.layout_for([p for _, p, _ in present]) if present else None
             except BackendError as exc:  # e.g. mixed devices: an error on every rank

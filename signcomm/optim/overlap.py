@@ -19,8 +19,12 @@ step makes one per step.
 
 The layout is the one the synchronous path uses when every parameter has a gradient,
 with the same random-stream positions, so overlap changes timing, never results.
-Assumes one backward per step and that every rank produces gradients for the same
-parameters (otherwise the step falls back to the synchronous path).
+Assumes one backward per step.  A step in which some parameter has no gradient falls
+back to the synchronous path (``reset``): first every bucket not posted yet gets its
+control, a normal one or, where this rank lacks gradients, one naming them, so every
+rank has posted one control per bucket in the same order; ranks whose gradient sets
+differ then get ``RankMismatchError`` on every rank (and the next step starts clean),
+ranks that all lack the same gradients go on with the synchronous step.
 
 Overlap votes on each gradient as backward accumulates it: changes made to ``.grad``
 between ``backward()`` and ``step()`` (clipping, rescaling) are not seen, as with
@@ -61,6 +65,7 @@ class OverlapEngine:
         self.next = n - 1            # the next bucket to prepare (reverse order)
         self.order = []              # buckets prepared, in the order they were
         self.prepared, self.controls, self.errors = {}, {}, {}
+        self.skipped = set()         # buckets without gradients that every rank skipped
 
     @property
     def opt(self):
@@ -95,9 +100,27 @@ class OverlapEngine:
         prepared = opt.prepare_bucket(self.layout, i, entries)
         self.prepared[i] = prepared
         self.controls[i] = opt.engine.start_control(
-            self.layout, [prepared], opt.signature(entries),
-            f"bucket {i} of optimizer step {opt.engine.step} (parameter layout, settings and "
-            "gradients)", name=f"signcomm.ctrl.b{i}")
+            self.layout, [prepared], opt.signature(entries), self._what(i),
+            name=f"signcomm.ctrl.b{i}", capacity=opt.control_capacity())
+        self.order.append(i)
+
+    def _what(self, i):
+        return (f"bucket {i} of optimizer step {self.opt.engine.step} (parameter layout, "
+                "settings and gradients; with overlap=True every rank must have gradients "
+                "for the same parameters)")
+
+    def _post_missing(self, i, missing):
+        """Bucket ``i``'s control from a rank without gradients for ``missing`` (names):
+        the same collective as ``_prepare``'s, so ranks stay matched; it agrees only with
+        ranks that lack the same gradients."""
+        opt = self.opt
+        if not self.order:
+            opt.transport.ledger.begin_step(opt.engine.step)
+        self.prepared[i] = None
+        self.controls[i] = opt.transport.start_agree(
+            {"bucket": i, "parameters without a gradient": tuple(missing)}, what=self._what(i),
+            values=opt.engine.control_values([], opt.control_capacity()), channel=0,
+            name=f"signcomm.ctrl.b{i}")
         self.order.append(i)
 
     def _progress(self, block):
@@ -106,6 +129,17 @@ class OverlapEngine:
         prev = None   # the previous bucket in order: its rounds are posted first
         for i in self.order:
             p = self.prepared[i]
+            if p is None:  # a bucket without gradients here (reset): only its control
+                if i not in self.errors and i not in self.skipped:
+                    if not (block or self.controls[i].test()):
+                        break
+                    try:
+                        self.controls[i].wait()
+                        self.skipped.add(i)
+                    except Exception as exc:  # noqa: BLE001  on every rank
+                        self.errors[i] = exc
+                prev = i
+                continue
             if p.handle is None and i not in self.errors:
                 if prev is not None and not self._posted(prev, 1):
                     break
@@ -120,16 +154,21 @@ class OverlapEngine:
                 engine.start(self.layout, p, engine.resolve_r([p], maxima)[0])
             h = p.handle
             while h is not None and not h.done:
-                ahead = self.prepared[prev].handle if prev is not None else None
+                ahead = self._handle(prev) if prev is not None else None
                 may = ahead is None or ahead.done or ahead.posted > h.posted
                 if not may or not (block or h.ready()):
                     break
                 h.advance()
             prev = i
 
+    def _handle(self, i):
+        p = self.prepared[i]
+        return None if p is None else p.handle
+
     def _posted(self, i, rounds):
-        h = self.prepared[i].handle
-        return i in self.errors or (h is not None and (h.done or h.posted >= rounds))
+        h = self._handle(i)
+        return (i in self.errors or i in self.skipped
+                or (h is not None and (h.done or h.posted >= rounds)))
 
     # -- in step() ---------------------------------------------------------------------------
     def finish(self):
@@ -146,13 +185,31 @@ class OverlapEngine:
         finally:
             self._clear()
 
-    def reset(self):
-        """Forget this step's progress (finishing what was posted, so ranks stay matched)."""
-        if self.order:
-            try:
+    def reset(self, present=None):
+        """Forget this step's progress, finishing what was posted so ranks stay matched.
+        With ``present`` (the step's entries with a gradient, not all of ``entries``):
+        first post every remaining bucket's control (``_post_missing`` where gradients
+        are missing), then raise the first error, on every rank, if the ranks' gradient
+        sets differ.  Always clears the ready counts, so a step whose gradients covered
+        only some buckets does not carry them into the next backward."""
+        try:
+            if present is not None:
+                have = {id(p) for _, p, _ in present}
+                while self.next >= 0:
+                    i = self.next
+                    missing = [name for _, p, name in self.entries[self.slices[i]]
+                               if id(p) not in have]
+                    if missing:
+                        self._post_missing(i, missing)
+                    else:
+                        self._prepare(i)
+                    self.next -= 1
+            if self.order:
                 self._progress(block=True)
-            finally:
-                self._clear()
+            if self.errors:
+                raise self.errors[max(self.errors)]
+        finally:
+            self._clear()
 
     def close(self):
         """Finish posted collectives, remove the hooks."""

@@ -73,8 +73,37 @@ def hooks_after_drop():
     return counts, torch.cat([p.detach().reshape(-1) for p in m.parameters()]).numpy()
 
 
+def gradient_sets(mode, overlap):
+    """Steps in which some parameters get no gradient: on odd ranks only ("odd": a
+    RankMismatchError on every rank, nothing updated, and the following steps work), or
+    on every rank ("all": the synchronous fallback, equal to overlap=False)."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+    params = [*a.parameters(), *b.parameters()]
+    opt = signcomm.MVSM(params, lr=0.1, transport=transport, bucket_elements=64, overlap=overlap)
+    rank = opt.transport.rank
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))
+    errs = []
+    for it in range(4):
+        opt.zero_grad()
+        h = a(x)
+        skip = it == 1 and (mode == "all" or rank % 2 == 1)
+        (h.sum() if skip else b(h).sum()).backward()
+        before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+        try:
+            opt.step()
+            errs.append("no error")
+        except Exception as exc:  # noqa: BLE001
+            after = torch.cat([p.detach().reshape(-1) for p in params])
+            errs.append(f"{type(exc).__name__}: {exc} (unchanged={torch.equal(before, after)})")
+    return torch.cat([p.detach().reshape(-1) for p in params]).numpy(), errs
+
+
 out = {}
 out["hook-counts"], out["after-drop-params"] = hooks_after_drop()
+for mode, overlap in (("odd", True), ("all", True), ("all", False)):
+    out[f"sets-{mode}-{int(overlap)}-params"], errs = gradient_sets(mode, overlap)
+    out[f"sets-{mode}-{int(overlap)}-errs"] = "\n".join(errs)
 for variant in ("v1", "v2"):
     for overlap in (False, True):
         p, unchanged, err, nb = run(variant, overlap)
