@@ -127,25 +127,21 @@ def beta_float(text):
     return v
 
 
-def method_name(text):
-    if text not in DDP.METHODS:
-        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose one of: "
-                                         + ", ".join(DDP.METHODS))
-    return text
+def one_of(what, choices):
+    """An argparse type accepting only ``choices`` (a word naming ``what``)."""
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; choose one of: "
+                                             + ", ".join(choices))
+        return text
+    parse.__name__ = what
+    return parse
 
 
-def schedule_name(text):
-    if text not in ("allgather", "sharded", "allreduce"):
-        raise argparse.ArgumentTypeError(f"unknown schedule {text!r}; choose one of: "
-                                         "allgather, sharded, allreduce")
-    return text
-
-
-def split_name(text):
-    if text not in D.SPLITS:
-        raise argparse.ArgumentTypeError(f"unknown split {text!r}; choose one of: "
-                                         + ", ".join(D.SPLITS))
-    return text
+method_name = one_of("method", tuple(DDP.METHODS))
+schedule_name = one_of("schedule", ("allgather", "sharded", "allreduce"))  # signcomm.vote.SCHEDULES;
+# signcomm is imported late (after the thread settings), so the names are spelled here
+split_name = one_of("split", tuple(D.SPLITS))
 
 
 def r_policy(text):
