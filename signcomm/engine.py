@@ -239,27 +239,31 @@ class VoteEngine:
     # -- 0. the hierarchical vote: the machine's mean gradient ------------------------------
     def stage(self, layout: Layout, bi: int, grads, names) -> Prepared:
         """Copy bucket ``bi``'s gradients (``grads[j]`` of parameter j) into its send
-        buffer, fused with their finite check; ``start_control`` on the staged buckets
-        then agrees and raises any error on every rank before anything is sent."""
+        buffer (the returned ``Prepared``'s ``v``: ``layout.staged[bi]``, or the machine
+        transport's own buffer, ``Hierarchy.send_buffer``), fused with their finite
+        check; ``start_control`` on the staged buckets then agrees and raises any error
+        on every rank before anything is sent."""
         t0 = time.perf_counter()
         bad, error = [], None
+        send = self.hierarchy.send_buffer(layout.staged[bi], layout.spans[bi],
+                                          name=f"signcomm.b{bi}.mean")
         try:
             backend = self.backend(layout.device)
             start = 0
             for j, (g, size) in enumerate(zip(grads, layout.whole[bi].sizes.tolist())):
                 self._momentum(backend, layout, g, names[j], None,
-                               layout.staged[bi][start:start + size], 1.0, MODE_COPY, bad)
+                               send[start:start + size], 1.0, MODE_COPY, bad)
                 start += size
         except (BackendError, TypeError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-        return Prepared(bi, None, np.zeros(len(layout.whole[bi].params), np.float64), bad,
+        return Prepared(bi, send, np.zeros(len(layout.whole[bi].params), np.float64), bad,
                         time.perf_counter() - t0, error)
 
     def reduce(self, layout: Layout, staged):
         """The machine's mean gradient of this rank's shard of each staged bucket (one
         alltoall each inside the machine, all posted before the first is waited for)."""
         t0 = time.perf_counter()
-        handles = [self.hierarchy.start_mean(layout.staged[p.bi], layout.spans[p.bi],
+        handles = [self.hierarchy.start_mean(p.v, layout.spans[p.bi],
                                              name=f"signcomm.b{p.bi}.mean") for p in staged]
         for p, handle in zip(staged, handles):
             self.hierarchy.finish_mean(handle, layout.mean[p.bi])

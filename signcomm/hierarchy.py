@@ -17,6 +17,11 @@ fusion bucket of d coordinates, local rank i of machine m (docs/algorithms.md,
 4. an allgather of the voted shard bits inside the machine (``rounds``), so every rank
    applies the whole vote.
 
+Both exchanges inside the machine go through the transport's ``start_alltoall_rows`` /
+``start_allgather_rows``: on MPI ranks that share a host they read the peers' pieces in
+place from a shared-memory window (``signcomm.comm.shm``), elsewhere they are the
+alltoall / allgather; the sums are the same either way.
+
 So a run on H x k ranks is MVSM on H nodes whose gradients are the machine means, bit
 for bit.  ``make_hierarchy`` builds the rank layout (and refuses machines of different
 k on every rank); the engine (``signcomm.engine``) drives the step.
@@ -84,11 +89,11 @@ def piece_ranges(whole: Bucket, shard: Bucket):
 
 
 def machine_mean(rows, out):
-    """The machine's mean gradient over its k ranks, from ``rows`` (k, span) fp32, row j
-    from local rank j, into ``out`` (span,): ``((g_0 + g_1) + g_2) + ... + g_{k-1}``,
+    """The machine's mean gradient over its k ranks, from ``rows`` (k rows of span fp32,
+    row j from local rank j) into ``out`` (span,): ``((g_0 + g_1) + g_2) + ... + g_{k-1}``,
     then ``/ k``, every operation in fp32 rounded to nearest.  For k = 2 any order gives
     the same bits; for k > 2 this order is the contract (docs/algorithms.md)."""
-    k = rows.shape[0]
+    k = len(rows)
     if k == 1:
         return out.copy_(rows[0])
     torch.add(rows[0], rows[1], out=out)   # one pass fewer than copy, then add
@@ -116,18 +121,27 @@ class Hierarchy:
                 f"{self.machine}, local rank {self.local_rank})")
 
     # -- 1. the machine's mean gradient, shard by shard ------------------------------------
+    def send_buffer(self, staged, span, *, name):
+        """Where to stage a bucket's gradients for ``start_mean`` (k * span fp32): the
+        machine transport's own buffer when it takes one without a copy (``rows_buffer``:
+        MPI's shared-memory window, from the bucket's second step on), else ``staged``."""
+        if staged.device.type == "cpu":
+            buf = self.local.rows_buffer((self.k, 4 * span), channel=1, name=name)
+            if buf is not None:
+                return torch.from_numpy(buf.reshape(-1)).view(torch.float32)
+        return staged
+
     def start_mean(self, staged, span, *, name=None):
         """Post the alltoall of ``staged`` (k * span fp32: the bucket's gradients, shard j
-        in row j) on the machine's transport (channel 1)."""
+        in row j) on the machine's transport (channel 1; ``name`` one per bucket)."""
         with self.local.ledger.kind("local"):
-            return self.local.start_alltoall(_as_bytes(staged).reshape(self.k, 4 * span),
-                                             channel=1, name=name)
+            return self.local.start_alltoall_rows(_as_bytes(staged).reshape(self.k, 4 * span),
+                                                  channel=1, name=name)
 
     def finish_mean(self, handle, out):
         """Wait for ``start_mean``'s alltoall; the machine mean of this rank's shard into
         ``out`` (span fp32)."""
-        rows = _as_float32(handle.wait()).reshape(self.k, -1)
-        return machine_mean(rows, out)
+        return machine_mean([_as_float32(row) for row in handle.wait()], out)
 
     def machine_max(self, values):
         """Elementwise max of float64 ``values`` over the machine's ranks (R="local":
@@ -175,12 +189,11 @@ class Hierarchy:
                     if d_shard % 8:
                         row[row_bytes + m - 1] = (1 << (d_shard % 8)) - 1
         with self.local.ledger.kind("local"):
-            posted = self.local.start_allgather(row, channel=2, name=f"{name}.machine")
-        gathered = yield posted
+            posted = self.local.start_allgather_rows(row, channel=2, name=f"{name}.machine")
+        rows = yield posted          # k rows, maybe views of the peers' memory: copied here
         nbytes = K.packed_nbytes(d)
-        gathered = gathered.reshape(self.k, 2 if mask else 1, row_bytes)
-        bits = backend.copy(gathered[:, 0].reshape(-1)[:nbytes])
-        nonzero = backend.copy(gathered[:, 1].reshape(-1)[:nbytes]) if mask else None
+        bits = backend.cat([r[:row_bytes] for r in rows])[:nbytes]
+        nonzero = backend.cat([r[row_bytes:] for r in rows])[:nbytes] if mask else None
         return K.Vote(bits, nonzero)
 
 

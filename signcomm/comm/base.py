@@ -195,6 +195,26 @@ class Transport:
             finish, test = post()
         return Handle(self, op, sent, received, finish, test, t.seconds, name)
 
+    # -- in-machine exchanges (the hierarchical vote) ---------------------------------
+    def start_alltoall_rows(self, buf, *, channel: int = 0, name: str | None = None) -> Handle:
+        """``start_alltoall`` whose result is a sequence of n rows (row j came from rank
+        j) that may be views of memory the ranks share, not to be written: this rank must
+        be done reading them before its next ``*_rows`` call under the same ``name``.
+        Here: ``start_alltoall``; the MPI transport reads the rows in place from a
+        shared-memory window when its ranks share a host (``signcomm.comm.shm``)."""
+        return self.start_alltoall(buf, channel=channel, name=name)
+
+    def start_allgather_rows(self, buf, *, channel: int = 0, name: str | None = None) -> Handle:
+        """``start_allgather`` with the result as ``start_alltoall_rows`` gives it."""
+        return self.start_allgather(buf, channel=channel, name=name)
+
+    def rows_buffer(self, shape, *, channel: int = 0, name: str | None = None):
+        """A uint8 buffer of ``shape`` (host memory) to fill and pass as ``buf`` to the
+        next ``start_*_rows`` call under ``name``, which then takes it without a copy (the
+        MPI transport's shared-memory window: this rank's own part of it); asked again
+        before that call, the same buffer.  None when there is no such buffer (here)."""
+        return None
+
     # -- blocking collectives -------------------------------------------------------
     def allgather(self, buf):
         return self.start_allgather(buf).wait()

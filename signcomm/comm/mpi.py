@@ -7,7 +7,8 @@ import sys
 import numpy as np
 
 from ..kernels.xp import is_cupy
-from .base import Transport, TransportError
+from . import shm
+from .base import Transport, TransportError, _is_uint8
 
 #: Largest message handed to one MPI call; bigger buffers are split into several calls,
 #: so counts of 2**31 elements and more work with any MPI (the int count limit).
@@ -122,6 +123,67 @@ class MPITransport(Transport):
         if world:
             _CHANNELS["host_id"] = hid
         return hid
+
+    # -- in-machine exchanges through a shared-memory window (``signcomm.comm.shm``) ----
+    def start_alltoall_rows(self, buf, *, channel=0, name=None):
+        """``Transport.start_alltoall_rows``: when every rank of this transport shares
+        memory, row j is read in place from rank j's segment of a shared-memory window
+        (ledger op "alltoall_shm"); otherwise ``start_alltoall``."""
+        win = self._window(buf, channel, name) if self._hosted(buf, 2) else None
+        if win is None:
+            return super().start_alltoall_rows(buf, channel=channel, name=name)
+        n, m, i = self.size, buf.shape[1], self.rank
+        return self._shared(win, buf, "alltoall_shm", (n - 1) * m,
+                            lambda seg: seg[i * m:(i + 1) * m], name)
+
+    def start_allgather_rows(self, buf, *, channel=0, name=None):
+        """``Transport.start_allgather_rows``, as ``start_alltoall_rows`` (ledger op
+        "allgather_shm")."""
+        win = self._window(buf, channel, name) if self._hosted(buf, 1) else None
+        if win is None:
+            return super().start_allgather_rows(buf, channel=channel, name=name)
+        m = buf.shape[0]
+        return self._shared(win, buf, "allgather_shm", (self.size - 1) * m, lambda seg: seg,
+                            name)
+
+    def rows_buffer(self, shape, *, channel=0, name=None):
+        """``Transport.rows_buffer``: this rank's own part of the shared-memory window
+        (uint8 NumPy) that an earlier ``start_*_rows`` call under ``name`` made for this
+        size, else None (never collective: ranks may ask or not)."""
+        if name is None or len(shape) not in (1, 2) or \
+                (len(shape) == 2 and shape[0] != self.size):
+            return None
+        win = shm.existing(self.comms[channel], channel, name, int(np.prod(shape)))
+        buf = None if win is None else win.buffer()
+        return None if buf is None else buf.reshape(shape)
+
+    def _hosted(self, buf, ndim):
+        """Whether ``buf`` may go through a window: uint8 of ``ndim`` dimensions (an
+        alltoall's rows one per rank) in host memory, on more than one rank."""
+        return self.size > 1 and len(buf.shape) == ndim and _is_uint8(buf) \
+            and (ndim == 1 or buf.shape[0] == self.size) \
+            and (isinstance(buf, np.ndarray) or (_is_torch(buf) and buf.device.type == "cpu"))
+
+    def _window(self, buf, channel, name):
+        """The window of this call, or None for messages: no ``name``, ranks that do not
+        all share memory (or ``SIGNCOMM_MPI_SHARED_WINDOW=0``), or a window that could not
+        be allocated.  Every rank decides alike (collective the first time)."""
+        nbytes = int(np.prod(buf.shape))
+        if name is None or not nbytes:
+            return None
+        comm = self.comms[channel]
+        if not shm.shares_memory(self.MPI, comm):
+            return None
+        return shm.window(self.MPI, comm, channel, name, nbytes)
+
+    def _shared(self, win, buf, op, nbytes, pick, name):
+        a, _, back = self._stage(buf)
+
+        def post():
+            finish, test = win.post(a, pick)
+            return (lambda: [back(row) for row in finish()]), test
+
+        return self._handle(op, nbytes, nbytes, post, name)
 
     # -- buffers: what MPI reads and writes, and the result in the caller's kind -------
     def _stage(self, buf):
