@@ -127,6 +127,47 @@ def test_bytes_between_and_inside_machines(job):
             assert got == [cross, cross, local, local], f"{H} x {k} rank {r}: {got}"
 
 
+def test_inside_a_machine_through_shared_memory(job):
+    """Every rank of these jobs is on this one host, so both exchanges inside a machine go
+    through MPI's shared-memory window (signcomm.comm.shm; ledger ops "alltoall_shm" and
+    "allgather_shm"): the contract tests above hold on that path."""
+    for H, k in LAYOUTS[job.n]:
+        for r in range(job.n):
+            got = str(job[r][f"local-ops-{H}x{k}-mvsm-v1-allgather"])
+            assert got == "allgather_shm,alltoall_shm", f"{H} x {k} rank {r}: {got}"
+
+
+WINDOW_CASES = {"one-host": {}, "not-sharing-memory": {"MPIR_CVAR_NOLOCAL": "1"},
+                "switched-off": {"SIGNCOMM_MPI_SHARED_WINDOW": "0"}}
+
+
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+def test_shared_window_or_messages(case):
+    """2 machines x 2 ranks (tests/workers/hier_window.py): the window where the machine's
+    ranks share memory, from the second call on with the send buffer in the window
+    itself (``rows_buffer``); the alltoall and allgather where they do not (MPICH's
+    MPIR_CVAR_NOLOCAL=1 makes every rank its own node) or where the window is switched
+    off (SIGNCOMM_MPI_SHARED_WINDOW=0).  The same results either way: each exchange's
+    rows, and the hierarchical vote against the single-process oracle."""
+    job = launch("hier_window.py", 4, timeout=120, env=dict(ENV, **WINDOW_CASES[case]))
+    window = case == "one-host"
+    ops = "allgather_shm,alltoall_shm" if window else "allgather,alltoall"
+    for r in range(4):
+        first, i = r - r % 2, r % 2
+        for step in range(3):
+            sent = [(np.arange(16).reshape(2, 8) + 16 * j + 64 * step).astype(np.uint8)
+                    for j in (first, first + 1)]
+            assert np.array_equal(job[r][f"alltoall-{step}"], np.stack([s[i] for s in sent]))
+            assert np.array_equal(job[r][f"allgather-{step}"],
+                                  [[first + step] * 5, [first + 1 + step] * 5])
+            assert bool(job[r][f"alltoall-buffer-{step}"]) == (window and step > 0), step
+        assert str(job[r]["ops"]) == ops
+        for method in ("mvsm-v1", "mvsm-v2"):
+            assert str(job[r][f"ops-{method}"]) == ops
+            got, want = job[r][f"traj-{method}"], oracle(method, 2, 2)
+            assert bits_equal(got, want), f"{method} rank {r}: {first_difference(got, want)}"
+
+
 def test_k1_equals_the_flat_vote(job):
     if job.n != 4:
         pytest.skip("in the 4-rank job")

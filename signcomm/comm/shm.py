@@ -99,6 +99,9 @@ def existing(comm, channel, name, nbytes):
 def free_all():
     """Free every window, in the order they were made (the same on every rank): MPI
     must not finalize with windows open (MPICH's OFI netmod then fails to close)."""
+    from mpi4py import MPI
+    if MPI.Is_finalized():
+        return
     for key, win in list(_WINDOWS.items()):
         if win:
             win.free()

@@ -62,6 +62,8 @@ for H, k in LAYOUTS:
         assert s["reduce_s"] >= 0 and s["step"] == P.STEPS - 1
         out[f"bytes-{tag}"] = [s["cross_bytes_sent"], s["cross_bytes_received"],
                                s["local_bytes_sent"], s["local_bytes_received"]]
+        out[f"local-ops-{tag}"] = ",".join(sorted({rec.op for rec in opt.transport.ledger.records
+                                                   if rec.kind == "local"}))
         if rank < H:
             traj, _, _ = train(method, schedule, extra,
                                lambda p, t: P.machine_grads(p, rank, t, k),
