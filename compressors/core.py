@@ -587,12 +587,13 @@ class MajorityVoteCompressor:
         if self.rule.variant == "v2" or (self.rule.tie == "coin" and n % 2 == 0):
             key = shared_key(self.seed, self.rule.shared_purpose(), first["step"], d, counts)
         with _threads_for(d):
-            vote = K.vote_from_counts(counts, n, rule=self.rule, key=key)
             backend = get_backend(self.backend, ctx.device)
-            if backend.name == "numba":
-                result = torch.from_numpy(K.vote_values(vote, d, out=self._buffer(
-                    "values", d, np.float32)))
+            if backend.name == "numba":   # the vote and its values in one pass
+                result = torch.from_numpy(K.vote_values_from_counts(
+                    counts, n, rule=self.rule, key=key,
+                    out=self._buffer("values", d, np.float32)))
             else:  # decode on the tensor's device from the packed bits (d / 8 bytes)
+                vote = K.vote_from_counts(counts, n, rule=self.rule, key=key)
                 nz = vote.nonzero
                 result = backend.values(K.Vote(torch.from_numpy(vote.bits).to(ctx.device),
                                                None if nz is None else

@@ -40,6 +40,20 @@ SIGN_CHUNK = 1 << 16   # coordinates per parallel task in sign_pack (multiple of
 SR_CHUNK = 1 << 13     # coordinates per parallel task in stochastic_sign_pack (multiple of 64)
 VOTE_WORDS = 512       # uint64 words per row per vote block: n * 4 KiB read per block
 
+
+
+def _host_has(feature: str) -> bool:
+    try:
+        import llvmlite.binding as ll
+        return f"+{feature}" in ll.get_host_cpu_features().flatten().split(",")
+    except Exception:  # pragma: no cover - then the portable code runs
+        return False
+
+
+# AVX-512DQ converts uint64 -> float64 in vectors (a compile-time constant of the kernels;
+# numba's cache is keyed by the host CPU, so a cached kernel matches its host)
+HAVE_U64_TO_F64 = _host_has("avx512dq")
+
 jit = numba.njit(cache=True, nogil=True)
 pjit = numba.njit(cache=True, nogil=True, parallel=True)
 
@@ -81,47 +95,51 @@ def _nplanes(n):
 
 
 @pjit
-def sign_pack(x, out, zero_key, use_zero_key, offset):
+def sign_pack(x, xbits, mask, inf_bits, out, zero_key, use_zero_key, offset):
     """out[b] = bits (x > 0) of x[8b:8b+8]; an exact 0 is a coin of zero_key when
-    use_zero_key, else bit 0.  Returns the number of non-finite inputs (fused check)."""
+    use_zero_key, else bit 0.  Returns the number of non-finite inputs (fused check: an
+    integer max of ``xbits & mask``, x's bit patterns without the sign bit, as in
+    ``stochastic_sign_pack``; only a task whose max reaches ``inf_bits`` counts them)."""
     d = x.shape[0]
     nchunks = (d + SIGN_CHUNK - 1) // SIGN_CHUNK
     bad = np.zeros(nchunks, np.int64)
     for c in numba.prange(nchunks):
         i0 = c * SIGN_CHUNK
         i1 = min(i0 + SIGN_CHUNK, d)
+        m = i1 - i0
         xs = x[i0:i1]
-        os = out[i0 >> 3:]
-        nbad = np.int32(0)
+        us = xbits[i0:i1]
+        flags = np.empty(SIGN_CHUNK, np.uint8)
         nzero = np.int32(0)
-        nfull = (i1 - i0) >> 3
-        for b in range(nfull):
-            w = np.uint64(0)
-            for k in range(8):
-                v = xs[8 * b + k]
-                w |= np.uint64(v > 0) << np.uint64(8 * k)
-                nbad += np.int32(not (abs(v) < np.inf))
-                nzero += np.int32(v == 0)
-            os[b] = _pack8(w)
-        if 8 * nfull < i1 - i0:  # the last, partial byte; its padding bits stay 0
-            byte = 0
-            for k in range(i1 - i0 - 8 * nfull):
-                v = xs[8 * nfull + k]
-                byte |= np.int64(v > 0) << k
-                nbad += np.int32(not (abs(v) < np.inf))
-                nzero += np.int32(v == 0)
-            os[nfull] = byte
+        mc = mask ^ mask
+        for k in range(m):
+            v = xs[k]
+            flags[k] = v > 0
+            nzero += np.int32(v == 0)
+            ub = us[k] & mask
+            mc = ub if ub > mc else mc
+        for k in range(m, (m + 7) & ~7):   # the last, partial byte: padding bits 0
+            flags[k] = 0
+        fw = flags.view(np.uint64)
+        os = out[i0 >> 3:]
+        for b in range((m + 7) >> 3):
+            os[b] = _pack8(fw[b])
         if nzero > 0 and use_zero_key:  # rare: a sparse pass over this chunk
-            for k in range(i1 - i0):
+            for k in range(m):
                 if xs[k] == 0:
                     coin = np.uint8(_word(zero_key, offset + i0 + k) >> np.uint64(63))
                     os[k >> 3] |= coin << np.uint8(k & 7)
+        nbad = np.int32(0)
+        if mc >= inf_bits:   # rare: count the NaN/Inf of this chunk
+            for k in range(m):
+                nbad += np.int32(not (abs(xs[k]) < np.inf))
         bad[c] = nbad
     return bad.sum()
 
 
 @pjit
-def stochastic_sign_pack(v, vbits, mask, seg_ends, half_over_r, r, out, seg_max, key, offset):
+def stochastic_sign_pack(v, vbits, mask, inf_bits, seg_ends, half_over_r, r, out, seg_max, key,
+                         offset):
     """S_R of eq. (8), fused with packing.  Segment s covers [seg_ends[s-1], seg_ends[s])
     with bound r[s] (seg_ends ends with a sentinel past d); coordinate i gets bit 1 with
     probability p = 0.5 + v_i * (0.5 / R), clipped to [0, 1], decided by u_i < p with
@@ -131,10 +149,13 @@ def stochastic_sign_pack(v, vbits, mask, seg_ends, half_over_r, r, out, seg_max,
     seg_ends) becomes the largest ``vbits[i] & mask`` over segment s, with vbits v's bit
     patterns and mask clearing the sign bit: the pattern of max |v| or of a NaN (an
     integer max vectorises; a float one with NaN rules does not).  Each parallel task
-    keeps the max of its piece of each segment, reduced at the end.
+    keeps the max of its piece of each segment, reduced at the end.  The non-finite
+    count comes from the same max: only a task whose max pattern reaches ``inf_bits``
+    (the pattern of Inf) counts its NaN/Inf, in a second pass over its piece (rare).
 
-    The 53-bit integer is converted to float in two exact int32 halves (22 + 31 bits):
-    AVX2 has no vector int64 -> float conversion, int32 -> float it has."""
+    The 53-bit integer z >> 11 becomes a float64 exactly, in one conversion where the
+    host has AVX-512DQ (vector uint64 -> float64), else in two exact int32 halves
+    (22 + 31 bits: AVX2 has no vector int64 -> float conversion); same value."""
     d = v.shape[0]
     nchunks = (d + SR_CHUNK - 1) // SR_CHUNK
     bad = np.zeros(nchunks, np.int64)
@@ -144,10 +165,13 @@ def stochastic_sign_pack(v, vbits, mask, seg_ends, half_over_r, r, out, seg_max,
     for c in numba.prange(nchunks):
         i0 = c * SR_CHUNK
         i1 = min(i0 + SR_CHUNK, d)
-        flags = np.zeros(SR_CHUNK, np.uint8)
+        flags = np.empty(SR_CHUNK, np.uint8)
+        for k in range((i1 - i0) & ~7, (i1 - i0 + 7) & ~7):   # padding bits of the last byte
+            flags[k] = 0
         s = np.searchsorted(seg_ends, i0, side="right")
         nbad = np.int32(0)
         nclamp = np.int32(0)
+        mc = mask ^ mask   # the max over this task's pieces
         a = i0
         while a < i1:
             e = min(i1, seg_ends[s])
@@ -160,7 +184,6 @@ def stochastic_sign_pack(v, vbits, mask, seg_ends, half_over_r, r, out, seg_max,
             m = mask ^ mask   # 0 of the mask's type
             for k in range(e - a):
                 x = np.float64(vs[k])
-                nbad += np.int32(not (abs(x) < np.inf))
                 nclamp += np.int32(abs(x) > rs)
                 ub = us[k] & mask
                 m = ub if ub > m else m
@@ -168,13 +191,21 @@ def stochastic_sign_pack(v, vbits, mask, seg_ends, half_over_r, r, out, seg_max,
                 z = (z ^ (z >> np.uint64(30))) * MIX1
                 z = (z ^ (z >> np.uint64(27))) * MIX2
                 z = z ^ (z >> np.uint64(31))
-                hi = np.float64(np.int32(z >> np.uint64(42)))
-                lo = np.float64(np.int32((z >> np.uint64(11)) & LO31))
-                u = (hi * TWO_31 + lo) * TWO_M53
+                if HAVE_U64_TO_F64:
+                    u = np.float64(z >> np.uint64(11)) * TWO_M53
+                else:
+                    hi = np.float64(np.int32(z >> np.uint64(42)))
+                    lo = np.float64(np.int32((z >> np.uint64(11)) & LO31))
+                    u = (hi * TWO_31 + lo) * TWO_M53
                 fs[k] = u < 0.5 + x * hs
             piece_max[c + s] = m
+            mc = m if m > mc else mc
             a = e
             s += 1
+        if mc >= inf_bits:   # a NaN or Inf in this task's piece: count them (rare)
+            vs = v[i0:i1]
+            for k in range(i1 - i0):
+                nbad += np.int32(not (abs(np.float64(vs[k])) < np.inf))
         fw = flags.view(np.uint64)
         os = out[i0 >> 3:]
         for b in range(min(SR_CHUNK >> 3, os.shape[0])):
@@ -515,6 +546,55 @@ def _v1_bytes_u8(cs, m, half, gt, tie):
         tie[nfull] = t
 
 
+@jit
+def _decide_chunk(cs, m, n, mode, key, pos0, os, zs, flags, gt, tie):
+    """The vote of the counts cs[0:m] (positions pos0 ..) packed into os[0:ceil(m/8)]
+    (and, for mode 1, the nonzero mask into zs): ``decide_from_counts``'s rule for one
+    chunk of at most DECIDE_CHUNK counts; flags, gt and tie are scratch (DECIDE_CHUNK,
+    and DECIDE_CHUNK / 8 bytes)."""
+    nb = (m + 7) >> 3
+    if mode == 2:
+        if n < (1 << 31):
+            _s1_flags(cs, m, np.uint32(n), key, pos0, flags)
+        else:
+            _s1_flags_big_n(cs, m, n, key, pos0, flags)
+        _pack_flags(flags, m, os, 0)
+    elif cs.itemsize == 1 and n < 128:   # uint8 counts: eight per uint64 (the compressors')
+        _v1_bytes_u8(cs, m, n // 2, gt, tie)
+        if n % 2:
+            for b in range(nb):
+                tie[b] = 0                # odd n never ties: 2c == n has no solution
+        if mode == 0:
+            gw = gt.view(np.uint64)
+            for b in range(nb, (nb + 7) & ~7):   # whole words for _tie_coins
+                gt[b] = 0
+                tie[b] = 0
+            _tie_coins(gw, tie.view(np.uint64), (nb + 7) >> 3, key, pos0, gw)
+            for b in range(nb):
+                os[b] = gt[b]
+        else:
+            for b in range(nb):
+                os[b] = gt[b]
+                zs[b] = ~tie[b]
+    else:
+        _v1_flags(cs, m, n, flags)
+        if mode == 0:  # o = gt, or a coin of the shared stream where tied
+            for b in range(nb, (nb + 7) & ~7):
+                gt[b] = 0
+                tie[b] = 0
+            _pack_flags(flags, m, gt, 0)
+            _pack_flags(flags, m, tie, 1)
+            gw = gt.view(np.uint64)
+            _tie_coins(gw, tie.view(np.uint64), (nb + 7) >> 3, key, pos0, gw)
+            for b in range(nb):
+                os[b] = gt[b]
+        else:
+            _pack_flags(flags, m, os, 0)
+            _pack_flags(flags, m, zs, 1)
+            for b in range(nb):
+                zs[b] = ~zs[b]
+
+
 @pjit
 def decide_from_counts(c, n, mode, key, offset, out, nonzero):
     """Packed vote from counts c (length d).  mode 0: v1 with tie coin, 1: v1 with tie
@@ -522,54 +602,37 @@ def decide_from_counts(c, n, mode, key, offset, out, nonzero):
     decided exactly in integers as (u32 * n) < (c << 32), u32 the top 32 random bits."""
     d = c.shape[0]
     nchunks = (d + DECIDE_CHUNK - 1) // DECIDE_CHUNK
-    small_n = n < (1 << 31)
     for ch in numba.prange(nchunks):
         i0 = ch * DECIDE_CHUNK
         m = min(DECIDE_CHUNK, d - i0)
         nb = (m + 7) >> 3
-        cs = c[i0:i0 + m]
-        os = out[i0 >> 3:(i0 >> 3) + nb]
-        flags = np.zeros(DECIDE_CHUNK, np.uint8)
-        if mode == 2:
-            if small_n:
-                _s1_flags(cs, m, np.uint32(n), key, offset + i0, flags)
-            else:
-                _s1_flags_big_n(cs, m, n, key, offset + i0, flags)
-            _pack_flags(flags, m, os, 0)
-        elif cs.itemsize == 1 and n < 128:   # uint8 counts: eight per uint64 (the compressors')
-            gt = np.zeros(DECIDE_CHUNK >> 3, np.uint8)
-            tie = np.zeros(DECIDE_CHUNK >> 3, np.uint8)
-            _v1_bytes_u8(cs, m, n // 2, gt, tie)
-            if n % 2:
-                for b in range(nb):
-                    tie[b] = 0                # odd n never ties: 2c == n has no solution
-            if mode == 0:
-                gw = gt.view(np.uint64)
-                _tie_coins(gw, tie.view(np.uint64), (nb + 7) >> 3, key, offset + i0, gw)
-                for b in range(nb):
-                    os[b] = gt[b]
-            else:
-                zs = nonzero[i0 >> 3:(i0 >> 3) + nb]
-                for b in range(nb):
-                    os[b] = gt[b]
-                    zs[b] = ~tie[b]
-        else:
-            _v1_flags(cs, m, n, flags)
-            if mode == 0:  # o = gt, or a coin of the shared stream where tied
-                gt = np.zeros(DECIDE_CHUNK >> 3, np.uint8)
-                tie = np.zeros(DECIDE_CHUNK >> 3, np.uint8)
-                _pack_flags(flags, m, gt, 0)
-                _pack_flags(flags, m, tie, 1)
-                gw = gt.view(np.uint64)
-                _tie_coins(gw, tie.view(np.uint64), (nb + 7) >> 3, key, offset + i0, gw)
-                for b in range(nb):
-                    os[b] = gt[b]
-            else:
-                _pack_flags(flags, m, os, 0)
-                zs = nonzero[i0 >> 3:(i0 >> 3) + nb]
-                _pack_flags(flags, m, zs, 1)
-                for b in range(nb):
-                    zs[b] = ~zs[b]
+        flags = np.empty(DECIDE_CHUNK, np.uint8)
+        gt = np.empty(DECIDE_CHUNK >> 3, np.uint8)
+        tie = np.empty(DECIDE_CHUNK >> 3, np.uint8)
+        zs = nonzero[i0 >> 3:(i0 >> 3) + nb] if mode == 1 else nonzero
+        _decide_chunk(c[i0:i0 + m], m, n, mode, key, offset + i0, out[i0 >> 3:(i0 >> 3) + nb],
+                      zs, flags, gt, tie)
+    return 0
+
+
+@pjit
+def decide_values(c, n, mode, key, offset, out):
+    """``decide_from_counts`` and ``vote_values`` in one pass: out[i] = the vote of
+    count c[i] as +1.0 / -1.0 (+-0.0 for a tie under mode 1), float32.  Each chunk's
+    packed vote stays in a small buffer (``_decide_chunk``, ``_values``): the same
+    values as the two kernels one after the other, without the d / 8 packed bytes."""
+    d = c.shape[0]
+    nchunks = (d + DECIDE_CHUNK - 1) // DECIDE_CHUNK
+    for ch in numba.prange(nchunks):
+        i0 = ch * DECIDE_CHUNK
+        m = min(DECIDE_CHUNK, d - i0)
+        flags = np.empty(DECIDE_CHUNK, np.uint8)
+        gt = np.empty(DECIDE_CHUNK >> 3, np.uint8)
+        tie = np.empty(DECIDE_CHUNK >> 3, np.uint8)
+        bits = np.empty(DECIDE_CHUNK >> 3, np.uint8)
+        nz = np.empty(DECIDE_CHUNK >> 3, np.uint8)
+        _decide_chunk(c[i0:i0 + m], m, n, mode, key, offset + i0, bits, nz, flags, gt, tie)
+        _values(bits, nz, mode == 1 and n % 2 == 0, m, out[i0:i0 + m])
     return 0
 
 
@@ -599,11 +662,8 @@ ONES_OF = np.array([[(v >> k) & 1 for k in range(8)] for v in range(256)], np.fl
 
 
 @jit
-def vote_values(bits, nonzero, has_nonzero, d, out):
-    """Packed vote bits (1 = +1, 0 = -1) -> out[i] = +1.0 / -1.0, times the bit of the
-    packed ``nonzero`` mask when there is one (+-0.0 for a tie under the "zero" rule,
-    the signs torch's decoded floats have).  ``out`` is float32; one pass, eight values
-    per byte from a 256-entry table (8 KiB)."""
+def _values(bits, nonzero, has_nonzero, d, out):
+    """``vote_values`` on the calling thread."""
     nfull = d >> 3
     for b in range(nfull):
         row = VALUES[bits[b]]
@@ -619,6 +679,15 @@ def vote_values(bits, nonzero, has_nonzero, d, out):
         if has_nonzero:
             v *= np.float32((nonzero[i >> 3] >> (i & 7)) & 1)
         out[i] = v
+
+
+@jit
+def vote_values(bits, nonzero, has_nonzero, d, out):
+    """Packed vote bits (1 = +1, 0 = -1) -> out[i] = +1.0 / -1.0, times the bit of the
+    packed ``nonzero`` mask when there is one (+-0.0 for a tie under the "zero" rule,
+    the signs torch's decoded floats have).  ``out`` is float32; one pass, eight values
+    per byte from a 256-entry table (8 KiB)."""
+    _values(bits, nonzero, has_nonzero, d, out)
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ._cpu import _host_has
 from .bits import BITORDER, packed_nbytes
 
 jit = numba.njit(cache=True, nogil=True)
@@ -178,15 +179,7 @@ EVEN16 = np.uint64(0x00FF00FF00FF00FF)
 WORD_CHUNK = 1 << 12     # words per parallel task
 
 
-def _host_has_bmi2() -> bool:
-    try:
-        import llvmlite.binding as ll
-        return "+bmi2" in ll.get_host_cpu_features().flatten().split(",")
-    except Exception:  # pragma: no cover - then the portable decode runs
-        return False
-
-
-HAVE_PDEP = _host_has_bmi2()
+HAVE_PDEP = _host_has("bmi2")   # else the portable decode runs
 
 
 @_intrinsic

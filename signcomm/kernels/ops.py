@@ -48,6 +48,13 @@ def _cpu_rows(gathered, nbytes):
     return np.ascontiguousarray(gathered[:, :nbytes])
 
 
+def _bit_view(dtype):
+    """(unsigned type of a float dtype's bit patterns, the mask that clears the sign
+    bit, the pattern of Inf): |x| orders like ``pattern & mask``, NaN above Inf."""
+    ut = np.uint32 if dtype == np.float32 else np.uint64
+    return ut, ut(np.iinfo(ut).max >> 1), np.array(np.inf, dtype).view(ut)[()]
+
+
 def _raise_nonfinite(nbad, name):
     if nbad:
         raise NonFiniteError(
@@ -68,8 +75,10 @@ def pack_signs(x, *, zero_key: Optional[int] = None, offset: int = 0,
         packed, nbad = reference.sign_pack(x, zero_key, offset)
     else:
         packed = np.empty(packed_nbytes(x.shape[0]), np.uint8)
-        nbad = _cpu.sign_pack(_cpu_float(x), packed, np.uint64(zero_key or 0),
-                              zero_key is not None, offset)
+        xc = _cpu_float(x)
+        ut, mask, inf_bits = _bit_view(xc.dtype)
+        nbad = _cpu.sign_pack(xc, xc.view(ut), mask, inf_bits, packed,
+                              np.uint64(zero_key or 0), zero_key is not None, offset)
     if check_finite:
         _raise_nonfinite(nbad, "x")
     return packed
@@ -122,11 +131,11 @@ def stochastic_sign_pack(v, r, key: int, *, seg_sizes=None, offset: int = 0,
         seg_ends = np.append(seg_ends, np.iinfo(np.int64).max)  # sentinel
         rr = np.append(r_host[nonempty], 1.0)
         vc = _cpu_float(v)
-        ut = np.uint32 if vc.dtype == np.float32 else np.uint64
+        ut, mask, inf_bits = _bit_view(vc.dtype)
         found = np.zeros(seg_ends.shape[0], ut)
         nbad, clamped = _cpu.stochastic_sign_pack(
-            vc, vc.view(ut), ut(np.iinfo(ut).max >> 1), seg_ends, 0.5 / rr, rr, packed,
-            found, np.uint64(key), offset)
+            vc, vc.view(ut), mask, inf_bits, seg_ends, 0.5 / rr, rr, packed, found,
+            np.uint64(key), offset)
         seg_max = np.zeros(seg_sizes.shape[0], np.float64)
         seg_max[nonempty] = found[:-1].view(vc.dtype)   # a NaN pattern stays NaN
     if check_finite:
@@ -243,6 +252,27 @@ def vote_from_counts(counts, n: int, *, variant: str = "v1", tie: str = "coin",
     if nonzero is not None and n % 2:
         nonzero = None  # odd n never ties
     return Vote(bits, nonzero)
+
+
+def vote_values_from_counts(counts, n: int, *, rule: VoteRule, key: Optional[int] = None,
+                            offset: int = 0, out=None):
+    """``vote_from_counts(...).values(d)`` in one pass (NumPy counts): float32 +1/-1 (0
+    for a tie under "zero") of length d, in ``out`` if given; CuPy counts take the two
+    steps."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    mode = _rule(rule, "v1", "coin", key).mode
+    if counts.ndim != 1:
+        raise ValueError(f"counts must be 1-D, got shape {counts.shape}")
+    d = counts.shape[0]
+    if is_cupy(counts):
+        return vote_from_counts(counts, n, rule=rule, key=key, offset=offset).values(d)
+    if out is None:
+        out = np.empty(d, np.float32)
+    elif out.shape != (d,) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of length {d}")
+    _cpu.decide_values(np.ascontiguousarray(counts), n, mode, np.uint64(key or 0), offset, out)
+    return out
 
 
 def count_field_bits(n: int) -> int:
