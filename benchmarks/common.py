@@ -81,21 +81,23 @@ def clock(fn, *args, sync=None) -> float:
 
 
 class Stopwatch:
-    """Adds up the time spent inside the calls it wraps (``wrap(fn)``); ``reset()``."""
+    """Adds up the time spent inside the calls it wraps (``wrap(fn)``): ``seconds`` of
+    wall time, ``cpu_seconds`` of the calling thread's CPU time; ``reset()``."""
 
     def __init__(self):
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0
 
     def reset(self):
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - t0
+                self.cpu_seconds += time.thread_time() - c0
         return timed
 
 

@@ -32,25 +32,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # benchmarks/
 
-from common import pin_threads  # noqa: E402
+from common import Stopwatch, pin_threads  # noqa: E402
 
-PHASES = {}
+PHASES = {}   # label -> Stopwatch
 
 
 def timed(obj, name, label):
-    """Wrap ``obj.name`` so its calls add their wall and thread CPU seconds to PHASES."""
-    fn = getattr(obj, name)
-
-    def wrapper(*args, **kwargs):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            acc = PHASES.setdefault(label, [0.0, 0.0])
-            acc[0] += time.perf_counter() - t0
-            acc[1] += time.thread_time() - c0
-
-    setattr(obj, name, wrapper)
+    """Wrap ``obj.name`` in the Stopwatch of ``label`` (wall and thread CPU seconds)."""
+    PHASES[label] = watch = Stopwatch()
+    setattr(obj, name, watch.wrap(getattr(obj, name)))
 
 
 def main(argv=None):
@@ -88,7 +78,8 @@ def main(argv=None):
             for p, g in zip(params, grads):
                 p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
             comm.Barrier()
-            PHASES.clear()
+            for watch in PHASES.values():
+                watch.reset()
             t0, c0 = time.perf_counter(), time.process_time()
             opts[m].step()
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -98,7 +89,8 @@ def main(argv=None):
                 ledger[key] = ledger.get(key, 0.0) + rec.seconds
             if i:
                 records[m].append(dict(wall=wall, cpu=cpu, ledger=ledger,
-                                       phases={k: list(v) for k, v in PHASES.items()}))
+                                       phases={k: [w.seconds, w.cpu_seconds]
+                                               for k, w in PHASES.items() if w.seconds}))
     every = comm.gather(records, root=0)
     if comm.rank:
         return 0
