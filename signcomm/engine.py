@@ -42,6 +42,11 @@ MOMENTUM_INITS = ("first", "zero")
 MODE_LERP, MODE_COPY, MODE_SCALE = _step.MODE_LERP, _step.MODE_COPY, _step.MODE_SCALE
 
 
+def _mean_name(bi):
+    """The name of bucket ``bi``'s machine-mean exchange (the same on every rank)."""
+    return f"signcomm.b{bi}.mean"
+
+
 class Layout:
     """The buckets of one list of parameters and their momentum: two flat fp32 buffers
     per bucket on the parameters' device (side ``cur[b]`` holds v_{t-1}; step t writes
@@ -51,7 +56,8 @@ class Layout:
     bucket in a flat vote, shard i of k in the hierarchical vote (``shard=(k, i)``), whose
     momentum is the shard's only (per-parameter views are then flat: a parameter's share
     of the shard, maybe empty).  The hierarchical layout also holds, per bucket, the
-    gradients to send (``staged``: k shards of ``spans[b]`` coordinates) and the
+    gradients to send (``staged``: k shards of ``spans[b]`` coordinates; unused once the
+    machine's transport offers its own send buffer, ``Hierarchy.send_buffer``) and the
     machine's mean of this rank's shard (``mean``)."""
 
     def __init__(self, params, bucket_elements=None, *, buckets=None, shard=None):
@@ -246,7 +252,7 @@ class VoteEngine:
         t0 = time.perf_counter()
         bad, error = [], None
         send = self.hierarchy.send_buffer(layout.staged[bi], layout.spans[bi],
-                                          name=f"signcomm.b{bi}.mean")
+                                          name=_mean_name(bi))
         try:
             backend = self.backend(layout.device)
             start = 0
@@ -263,8 +269,8 @@ class VoteEngine:
         """The machine's mean gradient of this rank's shard of each staged bucket (one
         alltoall each inside the machine, all posted before the first is waited for)."""
         t0 = time.perf_counter()
-        handles = [self.hierarchy.start_mean(p.v, layout.spans[p.bi],
-                                             name=f"signcomm.b{p.bi}.mean") for p in staged]
+        handles = [self.hierarchy.start_mean(p.v, layout.spans[p.bi], name=_mean_name(p.bi))
+                   for p in staged]
         for p, handle in zip(staged, handles):
             self.hierarchy.finish_mean(handle, layout.mean[p.bi])
         return time.perf_counter() - t0
