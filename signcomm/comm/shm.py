@@ -36,8 +36,9 @@ import numpy as np
 
 ENV = "SIGNCOMM_MPI_SHARED_WINDOW"   # "0": always the alltoall/allgather messages
 
-#: per (id(comm), channel, name): the SharedRows (holding its communicator, so ids stay
-#: unique); per id(comm): whether its ranks share memory (decided once, collectively)
+#: per (id(comm), channel, name): the SharedRows (False: could not be allocated); per
+#: id(comm): (comm, whether its ranks share memory), decided once, collectively; holding
+#: the communicator there keeps its id from being reused
 _WINDOWS: dict = {}
 _SHARED: dict = {}
 _AT_EXIT: list = []
