@@ -86,9 +86,11 @@ def rank_key(seed: int, purpose: K.Purpose, rank: int, step: int, d: int, k: int
     return K.key64(K.key64(seed, K.stream_id(purpose, rank), step), d, k)
 
 
-def shared_key(seed: int, purpose: K.Purpose, step_sum: int, d: int, counts) -> int:
-    """Key of the vote's shared random bits for one tensor (positions 0..d-1)."""
-    return K.key64(K.key64(seed, K.stream_id(purpose), step_sum), d, W.counts_hash(counts))
+def shared_key(seed: int, purpose: K.Purpose, step_sum: int, d: int, counts, mix=None) -> int:
+    """Key of the vote's shared random bits for one tensor (positions 0..d-1); ``mix``:
+    the counts' whole-word hash sum if the decode took it (``W.counts_hash``)."""
+    return K.key64(K.key64(seed, K.stream_id(purpose), step_sum), d,
+                   W.counts_hash(counts, mix))
 
 
 @contextmanager
@@ -411,7 +413,7 @@ class MajorityVoteCompressor:
         for buf in pool:
             if sys.getrefcount(buf) <= 3:   # the pool, ``buf`` and getrefcount's argument
                 return buf
-        buf = np.empty(int(length), dtype)
+        buf = K.aligned_empty(int(length), dtype)   # (streamed stores need 32 bytes)
         pool.append(buf)
         return buf
 
@@ -585,7 +587,8 @@ class MajorityVoteCompressor:
                               stacklevel=2)
         key = 0
         if self.rule.variant == "v2" or (self.rule.tie == "coin" and n % 2 == 0):
-            key = shared_key(self.seed, self.rule.shared_purpose(), first["step"], d, counts)
+            key = shared_key(self.seed, self.rule.shared_purpose(), first["step"], d, counts,
+                             first.mix)
         with _threads_for(d):
             backend = get_backend(self.backend, ctx.device)
             if backend.name == "numba":   # the vote and its values in one pass
@@ -604,14 +607,20 @@ class MajorityVoteCompressor:
 
     def _decode(self, outputs, ctx, counts, describe):
         """Decode every summed message of one tensor into ``counts``; the first one's
-        ``wire.Decoded``."""
+        ``wire.Decoded``, whose ``mix`` is the counts' whole-word hash sum over all the
+        messages (uint8 counts; else None)."""
         first = None
+        mix_all = counts.dtype == np.uint8
         for (o, m), out in zip(ctx.parts, outputs):
             dec = W.decode(out.detach().cpu().numpy(), m, ctx.n, ctx.rank, counts[o:o + m],
-                           wire=ctx.wire, describe=describe, settings=ctx.settings)
+                           wire=ctx.wire, describe=describe, settings=ctx.settings,
+                           mix_base=o // 8 if mix_all else None)
             if first is None:
                 first = dec
-            elif (dec["nonce"], dec["step"]) != (first["nonce"], first["step"]):
+                continue
+            if mix_all:
+                first.mix = (first.mix + dec.mix) & W.MASK64
+            if (dec["nonce"], dec["step"]) != (first["nonce"], first["step"]):
                 raise RankMismatchError(
                     f"{describe()}: message {ctx.parts.index((o, m))} was summed with "
                     "another tensor's message on some rank (tensors of the same size "

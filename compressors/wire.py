@@ -250,21 +250,25 @@ def count_dtype(n: int):
     return np.uint8 if n < 256 else (np.uint16 if n < 65536 else np.uint32)
 
 
-def counts_hash(counts) -> int:
+def counts_hash(counts, mix=None) -> int:
     """A 64-bit hash of the counts: their bytes in the canonical dtype (``count_dtype``,
     little-endian), zero-padded to whole 8-byte words u_0, u_1, ...; then
     ``splitmix64((sum_i splitmix64(u_i + (i + 1) * GOLDEN) mod 2**64) ^ nbytes)`` with
     nbytes the unpadded length.  All ranks decode the same counts, so all get the same
     number, whatever order their gradient hooks fired in; it keys the shared randomness
-    (tie coins, S_1).  (About 0.2 ns per coordinate; BLAKE2b took ten times longer.)"""
+    (tie coins, S_1).  (About 0.2 ns per coordinate; BLAKE2b took ten times longer.)
+    ``mix``: the sum over the whole words, if the decode already took it (``decode``'s
+    ``mix_base``; uint8 counts), so only the tail is read here."""
     c = np.ascontiguousarray(counts)
     c = c.astype(c.dtype.newbyteorder("<"), copy=False)
     raw = c.view(np.uint8).reshape(-1)
     nbytes = raw.shape[0]
     whole = nbytes // 8 * 8
-    if whole:
+    if mix is not None:
+        h = int(mix)
+    elif whole:
         words = raw[:whole].view("<u8")
-        h = int(_fields.mix_sum(words if words.flags.aligned else words.copy()))
+        h = int(_fields.mix_sum(words if words.flags.aligned else words.copy(), 0))
     else:
         h = 0
     if whole < nbytes:
@@ -325,6 +329,7 @@ class Decoded:
     scale: float
     exponent: object = None
     r_agree: bool = True
+    mix: object = None        # the counts' mix_sum from word mix_base on (decode's)
 
     def __getitem__(self, name):
         return self.sums[name]
@@ -371,7 +376,7 @@ def _check_settings(words, n, rank, wire, inv_scale, settings, describe):
 
 
 def decode(words, m: int, n: int, rank: int, counts_out, *, wire: str = "float64",
-           describe="a tensor", settings=None):
+           describe="a tensor", settings=None, mix_base=None):
     """Decode one summed message into ``counts_out`` (length m) and return its header
     sums.  Checks, in order, each raising the same error on every rank: the scale is
     one an exact decode can undo (``WireError``); each of ranks 0..n-1 contributed once
@@ -381,7 +386,9 @@ def decode(words, m: int, n: int, rank: int, counts_out, *, wire: str = "float64
     rank has the same settings (``RankMismatchError`` naming them); no rank had NaN/Inf
     (``NonFiniteGradientError``); the data words are exact counts of n ranks whose total
     is the popcount sum (``WireError``).  ``describe`` (a string or a callable returning
-    one) names the tensor in messages."""
+    one) names the tensor in messages.  ``mix_base`` (uint8 counts): the decode also
+    takes ``counts_hash``'s sum over the whole count words, keyed from word mix_base
+    (the message's offset / 8 in its tensor), into ``Decoded.mix``."""
     check_wire(wire)
     words = np.ascontiguousarray(words)
     lay = layout(n, wire)
@@ -445,8 +452,9 @@ def decode(words, m: int, n: int, rank: int, counts_out, *, wire: str = "float64
         raise NonFiniteGradientError(
             f"{_describe(describe)}: NaN/Inf in the gradient on {sums['bad_ranks']} of {n} "
             f"ranks ({sums['nonfinite']} values in all); nothing was applied")
-    max_dev, total, bad = codec.decode_layout(words[hw:], m, lay, n, counts_out,
-                                              inv_scale=inv_scale)
+    got = codec.decode_layout(words[hw:], m, lay, n, counts_out, inv_scale=inv_scale,
+                              mix_base=mix_base)
+    max_dev, total, bad = got[:3]
     if not max_dev <= MAX_DEV or bad or int(total) != sums["popcount"]:
         raise WireError(
             f"{_describe(describe)}: the summed data words are not exact counts of {n} "
@@ -455,4 +463,4 @@ def decode(words, m: int, n: int, rank: int, counts_out, *, wire: str = "float64
             "modified on its way (another compression, an fp16 cast)?")
     exponent = _exponent(words, n, wire, inv_scale, describe)
     r_agree = n * sums["r_code_sq"] == sums["r_code"] ** 2
-    return Decoded(sums, scale, exponent, r_agree)
+    return Decoded(sums, scale, exponent, r_agree, got[3] if mix_base is not None else None)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from signcomm import kernels as K
-from signcomm.kernels import reference, rng
+from signcomm.kernels import _cpu, reference, rng
 
 PROPS = settings(derandomize=True, deadline=None, max_examples=25,
                  suppress_health_check=[HealthCheck.too_slow])
@@ -544,6 +544,44 @@ def test_numba_equals_reference_vote_counts_decide(n, seed, d, offset):
                 np.testing.assert_array_equal(v.nonzero, want_nz)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 127, 256])
+@pytest.mark.parametrize("d", [0, 7, 64, 70_001, _cpu.STREAM_MIN + 13])
+def test_vote_values_from_counts_equals_vote_then_values(n, d):
+    """The fused vote + values (streamed stores from STREAM_MIN on an aligned out, plain
+    ones on an unaligned out) give the bits of vote_from_counts(...).values()."""
+    gen = np.random.default_rng([n, d])
+    c = gen.integers(0, n + 1, d).astype(np.uint8 if n < 256 else np.uint16)
+    key = rng.key64(n, rng.stream_id(rng.Purpose.TIE_COIN), d)
+    for rule in (K.VoteRule("v1", "coin"), K.VoteRule("v1", "zero"), K.VoteRule("v2")):
+        want = K.vote_from_counts(c, n, rule=rule, key=key, offset=5).values(d)
+        unaligned = np.empty(d + 1, np.float32)[1:]
+        for out in (None, K.aligned_empty(d), unaligned):
+            got = K.vote_values_from_counts(c, n, rule=rule, key=key, offset=5, out=out)
+            assert got.dtype == np.float32 and (out is None or got is out)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32),
+                                          err_msg=f"{rule}")
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+@pytest.mark.parametrize("radix", [False, True])
+def test_decode_takes_the_counts_total_and_hash(n, radix):
+    """decode_layout's mix_base: the counts' mix_sum of whole words, keyed from that word,
+    taken in the decode (serial and parallel), equals mix_sum over the decoded counts."""
+    from signcomm.kernels import _fields, fields
+    lay = fields.layout(n, "float64", radix)
+    for d in (0, 5, 8, 1001, (fields.PARALLEL_WORDS + 3) * lay.f + 5):
+        gen = np.random.default_rng([n, d])
+        g = random_gathered(gen, n, d, 0.5)
+        words = sum(fields.encode_layout(g[r], d, lay)[0] for r in range(n))
+        counts = np.empty(d, np.uint8)
+        for base in (0, 3):
+            dev, tot, bad, mix = fields.decode_layout(words, d, lay, n, counts, mix_base=base)
+            np.testing.assert_array_equal(counts, naive_counts(g, d))
+            assert (dev, tot, bad) == (0.0, int(counts.sum()), 0)
+            whole = counts[:d // 8 * 8].copy().view(np.uint64)
+            assert mix == int(_fields.mix_sum(whole, base))
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 127, 1000])
 @given(seed=st.integers(0, 2**32 - 1), d=st.sampled_from(VOTE_SIZES) | st.integers(0, 300))
 @settings(FEW, max_examples=4)
@@ -655,6 +693,13 @@ def test_nonfinite_input_raises_unless_opted_out(bad, where, dtype):
     with pytest.raises(K.NonFiniteError, match="1 NaN/Inf"):
         K.stochastic_sign_pack(v, 1.0, key)
     assert issubclass(K.NonFiniteError, ValueError)
+    v[[3, 40_000, 69_999][where % 3]] = bad   # a second one, maybe in another task
+    v[65_530] = -np.inf
+    many = f"{int(np.count_nonzero(~np.isfinite(v)))} NaN/Inf"
+    for kernel in (lambda: K.pack_signs(v), lambda: K.stochastic_sign_pack(v, 1.0, key)):
+        with pytest.raises(K.NonFiniteError, match=many):
+            kernel()
+    v[[3, 40_000, 69_999, 65_530]] = 0.5
     p = K.pack_signs(v, check_finite=False)
     np.testing.assert_array_equal(p, reference.sign_pack(v)[0])
     assert bits_of(p, d)[0][where] == (bad == np.inf)  # NaN and -inf pack as -1

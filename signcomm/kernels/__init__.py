@@ -2,7 +2,7 @@
 torch.  The bit convention is stated once, in ``bits.py``."""
 from .bits import (BITORDER, check_packed, clear_padding, pack_bits, packed_nbytes,
                    unpack_bits, unpack_signs)
-from .ops import (TIE_RULES, VARIANTS, NonFiniteError, Vote, count_field_bits,
+from .ops import (TIE_RULES, VARIANTS, NonFiniteError, Vote, aligned_empty, count_field_bits,
                   count_field_words, majority_vote, pack_count_fields, pack_signs,
                   stochastic_sign_pack, unpack_count_fields, vote_counts, vote_from_counts,
                   vote_values, vote_values_from_counts)
@@ -13,7 +13,8 @@ from .xp import array_module, cupy_available
 
 __all__ = [
     "BITORDER", "check_packed", "clear_padding", "pack_bits", "packed_nbytes", "unpack_bits",
-    "unpack_signs", "TIE_RULES", "VARIANTS", "NonFiniteError", "Vote", "count_field_bits",
+    "unpack_signs", "TIE_RULES", "VARIANTS", "NonFiniteError", "Vote", "aligned_empty",
+    "count_field_bits",
     "count_field_words", "majority_vote", "pack_count_fields", "pack_signs",
     "stochastic_sign_pack", "unpack_count_fields", "vote_counts", "vote_from_counts",
     "vote_values", "vote_values_from_counts", "VoteRule",

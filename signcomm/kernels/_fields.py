@@ -134,15 +134,23 @@ MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 @jit
-def mix_sum(words):
-    """sum over i of SplitMix64(words[i] + (i + 1) * GOLDEN), mod 2**64 (uint64): the
-    body of ``wire.counts_hash``, one multiply-xorshift chain per 8 count bytes."""
+def _mix_word(u, i):
+    """SplitMix64(u + (i + 1) * GOLDEN): the term of word i in ``mix_sum``."""
+    z = u + np.uint64(i + 1) * GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@jit
+def mix_sum(words, i0):
+    """sum over i of SplitMix64(words[i] + (i0 + i + 1) * GOLDEN), mod 2**64 (uint64):
+    the body of ``wire.counts_hash`` (i0 = 0 for a whole tensor's counts; a message's
+    counts start at word i0 of its tensor's), one multiply-xorshift chain per 8 count
+    bytes."""
     h = np.uint64(0)
     for i in range(words.shape[0]):
-        z = words[i] + np.uint64(i + 1) * GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * MIX1
-        z = (z ^ (z >> np.uint64(27))) * MIX2
-        h += z ^ (z >> np.uint64(31))
+        h += _mix_word(words[i], i0 + i)
     return h
 
 
@@ -176,7 +184,8 @@ pjit = numba.njit(cache=True, nogil=True, parallel=True)
 ONES8 = np.uint64(0x0101010101010101)
 HIGH8 = np.uint64(0x8080808080808080)
 EVEN16 = np.uint64(0x00FF00FF00FF00FF)
-WORD_CHUNK = 1 << 12     # words per parallel task
+WORD_CHUNK = 1 << 12     # words per parallel task (a multiple of 8: a chunk's counts
+                         # start on a whole 8-byte word, so chunks hash whole words)
 
 
 HAVE_PDEP = _host_has("bmi2")   # else the portable decode runs
@@ -510,7 +519,8 @@ def _radix_consts(base, f, k):
     return gpow, inv_gpow, h, bh, 1.0 / np.float64(bh)
 
 
-RADIX_BLOCK = 256   # words per block of _radix8_chunk (its quotients stay in L1)
+RADIX_BLOCK = 256   # words per block of _radix8_chunk (its quotients stay in L1; a
+                    # multiple of 8, so blocks too start on whole count words)
 
 
 @jit
@@ -535,16 +545,51 @@ def _radix_tail(q0, q1, i, p, m, pd, h, k, gsize, is_float, table, counts, lim):
 
 
 @jit
+def _quotients(q, ng, nb, gpow, inv_gpow):
+    """q[g, i] = floor(q[0, i] / gpow[g]) for g = 1..ng and i < nb (every q[0, i] below
+    2**53): a float64 multiply by 1 / gpow[g], then one correction; across words, so it
+    vectorises."""
+    src = q[0]
+    for g in range(1, ng + 1):
+        gp = gpow[g]
+        ig = inv_gpow[g]
+        dst = q[g]
+        for i in range(nb):
+            v = src[i]
+            qn = np.int64(np.float64(v) * ig)
+            r = v - qn * gp
+            dst[i] = qn + np.int64(r >= gp) - np.int64(r < 0)
+
+
+@jit
+def _total_mix(counts, a, e, w, mix_base):
+    """The counts of bytes [a, e) summed, and ``mix_sum``'s terms of the whole 8-byte
+    words of counts from word w on that end at or before e (word i keyed as word
+    mix_base + i of ``mix_sum``).  Returns (total, mix, next word)."""
+    tot = 0
+    cs = counts[a:e]
+    for i in range(e - a):
+        tot += np.int64(cs[i])
+    mix = np.uint64(0)
+    w1 = max(w, e >> 3)
+    for i in range(w, w1):
+        mix += _mix_word(_load_u64(counts, 8 * i), mix_base + i)
+    return tot, mix, w1
+
+
+@jit
 def _radix8_chunk(c, words, inv_scale, is_float, limit, vmax, d, f, k, table, counts,
-                  gpow, inv_gpow, h, bh, inv_bh):
-    """Words c*WORD_CHUNK .. of ``decode_radix8``: (max dev, bad).
+                  gpow, inv_gpow, h, bh, inv_bh, mix_base):
+    """Words c*WORD_CHUNK .. of ``decode_radix8``: (max dev, bad, total of the counts,
+    ``mix_sum`` terms of the whole count words inside the chunk's bytes).
 
     Per block of RADIX_BLOCK words, two passes.  The first (vectorisable, across words)
     makes each word an exact integer v and the quotients q_g = floor(v / gpow[g]) of
     every group g: a float64 multiply by 1 / gpow[g], exact after one correction since
     v < 2**53 (an int64 word is first split by B**h the same way into two parts below
     2**53).  The second looks group g = q_g - B**k q_(g+1) up in ``table`` (k count bytes
-    at once) and stores it."""
+    at once) and stores it; the block's counts, still in L1, are then summed and hashed
+    (``_total_mix``)."""
     nwords = words.shape[0]
     w0c = c * WORD_CHUNK
     w1c = min(nwords, w0c + WORD_CHUNK)
@@ -558,6 +603,10 @@ def _radix8_chunk(c, words, inv_scale, is_float, limit, vmax, d, f, k, table, co
     vals = np.empty(RADIX_BLOCK, np.int64)
     mdev = 0.0
     bad = 0
+    tot = 0
+    mix = np.uint64(0)
+    done = min(lim, w0c * f)         # counts bytes before it are summed
+    wmix = (done + 7) >> 3           # the next count word to hash
     for w0 in range(w0c, w1c, RADIX_BLOCK):
         nb = min(RADIX_BLOCK, w1c - w0)
         dv, bd = _exact_words(words, w0, nb, inv_scale, is_float, limit, vmax, vals)
@@ -574,26 +623,8 @@ def _radix8_chunk(c, words, inv_scale, is_float, limit, vmax, d, f, k, table, co
                 adj = np.int64(lo >= bh) - np.int64(lo < 0)
                 q0[0, i] = lo - adj * bh
                 q1[0, i] = hi + adj
-        for g in range(1, ng0 + 1):
-            gp = gpow[g]
-            ig = inv_gpow[g]
-            src = q0[0]
-            dst = q0[g]
-            for i in range(nb):
-                v = src[i]
-                qn = np.int64(np.float64(v) * ig)
-                r = v - qn * gp
-                dst[i] = qn + np.int64(r >= gp) - np.int64(r < 0)
-        for g in range(1, ng1 + 1):
-            gp = gpow[g]
-            ig = inv_gpow[g]
-            src = q1[0]
-            dst = q1[g]
-            for i in range(nb):
-                v = src[i]
-                qn = np.int64(np.float64(v) * ig)
-                r = v - qn * gp
-                dst[i] = qn + np.int64(r >= gp) - np.int64(r < 0)
+        _quotients(q0, ng0, nb, gpow, inv_gpow)
+        _quotients(q1, ng1, nb, gpow, inv_gpow)
         for i in range(nb):
             p = (w0 + i) * f
             if p + f + 8 <= lim:   # a whole word, its 8-byte stores stay before lim
@@ -614,39 +645,53 @@ def _radix8_chunk(c, words, inv_scale, is_float, limit, vmax, d, f, k, table, co
                 left = _radix_tail(q0, q1, i, p, min(f, d - p), pd, h, k, gsize, is_float,
                                    table, counts, lim)
             bad += left != 0
-    return mdev, bad
+        end = min(lim, (w0 + nb) * f)   # the block's counts are final up to here
+        t, mx, wmix = _total_mix(counts, done, end, wmix, mix_base)
+        tot += t
+        mix += mx
+        done = end
+    return mdev, bad, tot, mix
 
 
 @pjit
-def decode_radix8(words, inv_scale, is_float, limit, vmax, d, base, f, k, table, counts):
+def decode_radix8(words, inv_scale, is_float, limit, vmax, d, base, f, k, table, counts,
+                  mix_base):
     """Summed radix words (digit j of the word in base ``base``) -> uint8 counts, k
     digits per table lookup.  float64 words are below 2**53 and split with float64
     arithmetic; int64 words (up to 2**63) are first split once by base**(f // 2)
     (float64 estimate, one correction).  Returns (max distance of a scaled word from its
     integer, number of bad words: a value outside [0, limit) or [0, vmax], or at least
-    base**m for a word of m digits).  The total of the counts is ``byte_total``'s.
-    Parallel over chunks of words."""
+    base**m for a word of m digits; the total of the counts; the ``mix_sum`` of the
+    d // 8 whole 8-byte words of counts, word i keyed as word mix_base + i), the total
+    and the hash taken while each block's counts are in L1.  Parallel over chunks of
+    words."""
     gpow, inv_gpow, h, bh, inv_bh = _radix_consts(base, f, k)
     nchunks = (words.shape[0] + WORD_CHUNK - 1) // WORD_CHUNK
     devs = np.zeros(nchunks, np.float64)
     bads = np.zeros(nchunks, np.int64)
+    tots = np.zeros(nchunks, np.int64)
+    mixes = np.zeros(nchunks, np.uint64)
     for c in numba.prange(nchunks):
-        devs[c], bads[c] = _radix8_chunk(c, words, inv_scale, is_float, limit, vmax, d, f, k,
-                                         table, counts, gpow, inv_gpow, h, bh, inv_bh)
-    return (devs.max() if nchunks else 0.0), bads.sum()
+        devs[c], bads[c], tots[c], mixes[c] = _radix8_chunk(
+            c, words, inv_scale, is_float, limit, vmax, d, f, k, table, counts, gpow,
+            inv_gpow, h, bh, inv_bh, mix_base)
+    mix = np.uint64(0)
+    for c in range(nchunks):
+        mix += mixes[c]
+    return (devs.max() if nchunks else 0.0), bads.sum(), tots.sum(), mix
 
 
 @jit
 def decode_radix8_serial(words, inv_scale, is_float, limit, vmax, d, base, f, k, table,
-                         counts):
+                         counts, mix_base):
     """``decode_radix8`` on the calling thread."""
     gpow, inv_gpow, h, bh, inv_bh = _radix_consts(base, f, k)
-    mdev, bad = 0.0, 0
+    mdev, bad, tot, mix = 0.0, 0, 0, np.uint64(0)
     for c in range((words.shape[0] + WORD_CHUNK - 1) // WORD_CHUNK):
-        dv, bd = _radix8_chunk(c, words, inv_scale, is_float, limit, vmax, d, f, k, table,
-                               counts, gpow, inv_gpow, h, bh, inv_bh)
-        mdev, bad = (dv if not dv <= mdev else mdev), bad + bd
-    return mdev, bad
+        dv, bd, t, mx = _radix8_chunk(c, words, inv_scale, is_float, limit, vmax, d, f, k,
+                                      table, counts, gpow, inv_gpow, h, bh, inv_bh, mix_base)
+        mdev, bad, tot, mix = (dv if not dv <= mdev else mdev), bad + bd, tot + t, mix + mx
+    return mdev, bad, tot, mix
 
 
 @jit

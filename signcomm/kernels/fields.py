@@ -175,25 +175,30 @@ def encode_layout(packed, d: int, lay: Layout, *, header: int = 0, out=None):
     return out, pop
 
 
-def decode_layout(words, d: int, lay: Layout, n: int, counts_out, *, inv_scale: float = 1.0):
+def decode_layout(words, d: int, lay: Layout, n: int, counts_out, *, inv_scale: float = 1.0,
+                  mix_base=None):
     """Summed field words of layout ``lay`` (no header) -> ``counts_out`` (length d).
     float64 words are multiplied by ``inv_scale`` and rounded.  Returns (largest distance
     of a scaled float64 word from its integer, total of the counts, number of impossible
     words: a field above n, a value at or above B**F, bits above the last field, a
-    negative word)."""
+    negative word).  With ``mix_base`` (uint8 counts only), a fourth: ``_fields.mix_sum``
+    of the d // 8 whole 8-byte words of the counts keyed from word ``mix_base`` on (the
+    radix decode takes it in the same pass)."""
     words = np.ascontiguousarray(words)
     is_float = words.dtype == np.float64
     limit = float(lay.limit)
     vmax = min(lay.limit - 1, 2 ** 63 - 1)
     d = int(d)
     par = _parallel(words.shape[0])
+    if mix_base is not None and counts_out.dtype != np.uint8:
+        raise ValueError("mix_base needs uint8 counts")
+    mix = None
     if lay.radix:
         k, table = _group(lay.base)
         out = counts_out if counts_out.dtype == np.uint8 else np.empty(d, np.uint8)
         kernel = _fields.decode_radix8 if par else _fields.decode_radix8_serial
-        dev, bad = kernel(words, float(inv_scale), is_float, limit, vmax, d, lay.base, lay.f,
-                          k, table, out)
-        tot = _fields.byte_total(out)
+        dev, bad, tot, mix = kernel(words, float(inv_scale), is_float, limit, vmax, d,
+                                    lay.base, lay.f, k, table, out, int(mix_base or 0))
         if out is not counts_out:
             counts_out[:] = out
     elif counts_out.dtype == np.uint8 and lay.b <= 7 and _fields.HAVE_PDEP:
@@ -204,7 +209,13 @@ def decode_layout(words, d: int, lay: Layout, n: int, counts_out, *, inv_scale: 
     else:
         dev, tot, bad = _fields.decode_fields_any(words, float(inv_scale), is_float, limit,
                                                   vmax, d, lay.b, lay.f, int(n), counts_out)
-    return float(dev), int(tot), int(bad)
+    if mix_base is None:
+        return float(dev), int(tot), int(bad)
+    if mix is None:
+        whole = counts_out[:d // 8 * 8]
+        mix = _fields.mix_sum(whole.view(np.uint64) if whole.flags.aligned else
+                              whole.copy().view(np.uint64), int(mix_base))
+    return float(dev), int(tot), int(bad), int(mix)
 
 
 def encode(packed, d: int, b: int, word: str = "int64", *, header: int = 0):

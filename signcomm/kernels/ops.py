@@ -258,7 +258,8 @@ def vote_values_from_counts(counts, n: int, *, rule: VoteRule, key: Optional[int
                             offset: int = 0, out=None):
     """``vote_from_counts(...).values(d)`` in one pass (NumPy counts): float32 +1/-1 (0
     for a tie under "zero") of length d, in ``out`` if given; CuPy counts take the two
-    steps."""
+    steps.  From ``_cpu.STREAM_MIN`` values on, an ``out`` aligned to 32 bytes is written
+    with non-temporal stores (``aligned_empty`` makes one)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     mode = _rule(rule, "v1", "coin", key).mode
@@ -271,8 +272,19 @@ def vote_values_from_counts(counts, n: int, *, rule: VoteRule, key: Optional[int
         out = np.empty(d, np.float32)
     elif out.shape != (d,) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 of length {d}")
-    _cpu.decide_values(np.ascontiguousarray(counts), n, mode, np.uint64(key or 0), offset, out)
+    stream = d >= _cpu.STREAM_MIN and out.ctypes.data % 32 == 0
+    _cpu.decide_values(np.ascontiguousarray(counts), n, mode, np.uint64(key or 0), offset, out,
+                       stream)
     return out
+
+
+def aligned_empty(d: int, dtype=np.float32, align: int = 64):
+    """An empty 1-D array of d elements whose data starts at a multiple of ``align``
+    bytes (a view into a slightly longer one)."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.empty(d + align // itemsize, dtype)
+    skip = (-raw.ctypes.data % align) // itemsize
+    return raw[skip:skip + d]
 
 
 def count_field_bits(n: int) -> int:

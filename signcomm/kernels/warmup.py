@@ -24,6 +24,7 @@ def warmup() -> None:
     for c in (counts, wide):
         for variant, tie in (("v1", "coin"), ("v1", "zero"), ("v2", "coin")):
             ops.vote_from_counts(c, 3, variant=variant, tie=tie, key=key)
+            ops.vote_values_from_counts(c, 3, rule=ops.VoteRule(variant, tie), key=key)
 
     # the optimizer step's kernels, serial and parallel variants (types, not sizes, matter)
     from . import _step
@@ -51,6 +52,7 @@ def warmup() -> None:
                     words, _ = fields.encode_layout(packed, d, lay)
                     for dtype in (np.uint8, np.int64):
                         fields.decode_layout(words, d, lay, n, np.zeros(d, dtype))
+                    fields.decode_layout(words, d, lay, n, np.zeros(d, np.uint8), mix_base=0)
         ops.vote_from_counts(np.zeros(77, np.uint8), n, variant="v1", tie="coin", key=key)
     for dtype in (np.float32, np.float64):
         local_max_abs(np.linspace(-1, 1, 77).astype(dtype), np.array([40, 37]))
