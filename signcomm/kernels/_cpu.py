@@ -15,6 +15,10 @@ measures them against a memory copy):
   per bit of the count), over blocks of words that stay in L1, split over threads.
 - Words are read from packed bytes through little-endian uint64 views (x86, ARM).
 - Small counters are int32 (vectorises); each parallel task's totals are summed at the end.
+- NaN/Inf checks ride on an integer max of the float bit patterns (sign bit cleared);
+  only a task whose max reaches Inf counts them, in a second pass.
+- A large float output (``decide_values``) is written with non-temporal stores: a plain
+  store first reads the cache line it overwrites, half the traffic of a write-only pass.
 - Inner loops index a slice with the loop counter (``xs[k]`` for ``k in range(m)``), not
   ``x[i0 + k]``: numba wraps negative indices, and when LLVM cannot prove an index is
   >= 0 the wraparound branch stops vectorisation (measured: 5x slower).
