@@ -152,7 +152,7 @@ def sign_pack(x, xbits, mask, inf_bits, out, zero_key, use_zero_key, offset):
         m = i1 - i0
         xs = x[i0:i1]
         us = xbits[i0:i1]
-        flags = np.empty(SIGN_CHUNK, np.uint8)
+        flags = np.empty((m + 7) & ~7, np.uint8)   # (a small tensor: a small buffer)
         nzero = np.int32(0)
         mc = mask ^ mask
         for k in range(m):
