@@ -16,6 +16,7 @@ import numba
 import numpy as np
 
 from . import kernels as K
+from .kernels.ops import float_bit_view
 
 R_POLICIES = ("global", "local")
 KINDS = ("sr", "sign")
@@ -50,9 +51,9 @@ def local_max_abs(v, seg_sizes):
     seg_sizes = np.asarray(seg_sizes, dtype=np.int64)
     if v.ndim == 1 and v.dtype in (np.float32, np.float64) and seg_sizes.ndim == 1 and \
             (seg_sizes >= 0).all() and int(seg_sizes.sum()) <= v.shape[0]:
-        ut = np.uint32 if v.dtype == np.float32 else np.uint64
+        ut, mask, _ = float_bit_view(v.dtype)
         bits = np.zeros(seg_sizes.shape[0], ut)
-        _max_abs_bits(v.view(ut), seg_sizes, ut(np.iinfo(ut).max >> 1), bits)
+        _max_abs_bits(v.view(ut), seg_sizes, mask, bits)
         return bits.view(v.dtype).astype(np.float64)   # a NaN pattern stays NaN
     out = np.zeros(seg_sizes.shape[0], np.float64)
     nonempty = seg_sizes > 0

@@ -78,7 +78,7 @@ def _gathered(gen, n, d, extra=3):
 def _cpu_sign_nbad(xn, zero_key, offset):
     out = np.empty(B.packed_nbytes(xn.shape[0]), np.uint8)
     xc = ops._cpu_float(xn)
-    ut, mask, inf_bits = ops._bit_view(xc.dtype)
+    ut, mask, inf_bits = ops.float_bit_view(xc.dtype)
     return int(_cpu.sign_pack(xc, xc.view(ut), mask, inf_bits, out, np.uint64(zero_key or 0),
                               zero_key is not None, offset))
 

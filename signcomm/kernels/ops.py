@@ -48,7 +48,7 @@ def _cpu_rows(gathered, nbytes):
     return np.ascontiguousarray(gathered[:, :nbytes])
 
 
-def _bit_view(dtype):
+def float_bit_view(dtype):
     """(unsigned type of a float dtype's bit patterns, the mask that clears the sign
     bit, the pattern of Inf): |x| orders like ``pattern & mask``, NaN above Inf."""
     ut = np.uint32 if dtype == np.float32 else np.uint64
@@ -76,7 +76,7 @@ def pack_signs(x, *, zero_key: Optional[int] = None, offset: int = 0,
     else:
         packed = np.empty(packed_nbytes(x.shape[0]), np.uint8)
         xc = _cpu_float(x)
-        ut, mask, inf_bits = _bit_view(xc.dtype)
+        ut, mask, inf_bits = float_bit_view(xc.dtype)
         nbad = _cpu.sign_pack(xc, xc.view(ut), mask, inf_bits, packed,
                               np.uint64(zero_key or 0), zero_key is not None, offset)
     if check_finite:
@@ -131,7 +131,7 @@ def stochastic_sign_pack(v, r, key: int, *, seg_sizes=None, offset: int = 0,
         seg_ends = np.append(seg_ends, np.iinfo(np.int64).max)  # sentinel
         rr = np.append(r_host[nonempty], 1.0)
         vc = _cpu_float(v)
-        ut, mask, inf_bits = _bit_view(vc.dtype)
+        ut, mask, inf_bits = float_bit_view(vc.dtype)
         found = np.zeros(seg_ends.shape[0], ut)
         nbad, clamped = _cpu.stochastic_sign_pack(
             vc, vc.view(ut), mask, inf_bits, seg_ends, 0.5 / rr, rr, packed, found,
