@@ -472,6 +472,24 @@ def test_shared_stream_is_rank_independent():
 # numba path == reference.py (the portable/GPU algorithm), bit for bit
 
 
+def test_wide_vectors_sets_the_llvm_attribute():
+    """``_cpu._wide_vectors()`` must reach LLVM as the function attribute (it fails
+    silently otherwise, and only the speed would show it)."""
+    import numba
+
+    @numba.njit(cache=False)
+    def f(x):
+        _cpu._wide_vectors()
+        t = 0
+        for v in x:
+            t += v
+        return t
+
+    assert f(np.arange(16)) == 120
+    ir = next(iter(f.inspect_llvm().values()))
+    assert '"prefer-vector-width"="512"' in ir
+
+
 @given(seed=st.integers(0, 2**32 - 1), d=st.sampled_from(VOTE_SIZES) | st.integers(0, 300),
        offset=st.integers(0, 2**40))
 @FEW

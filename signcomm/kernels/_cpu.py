@@ -19,6 +19,11 @@ measures them against a memory copy):
   only a task whose max reaches Inf counts them, in a second pass.
 - A large float output (``decide_values``) is written with non-temporal stores: a plain
   store first reads the cache line it overwrites, half the traffic of a write-only pass.
+- On AVX-512 CPUs LLVM vectorises with 256-bit vectors unless told otherwise; the loops
+  that gain from 512-bit ones call ``_wide_vectors()`` (S_R 1.20 -> 0.93 ns/param, sign
+  0.63 -> 0.53, the radix decode 0.59 -> 0.53 at n = 2; measured interleaved in one
+  process, same bits).  The S_1 draw does not gain (its two 64-bit multiplies per
+  coordinate bind one port at either width), so it keeps the default.
 - Inner loops index a slice with the loop counter (``xs[k]`` for ``k in range(m)``), not
   ``x[i0 + k]``: numba wraps negative indices, and when LLVM cannot prove an index is
   >= 0 the wraparound branch stops vectorisation (measured: 5x slower).
@@ -98,6 +103,28 @@ def _store_fence(typingctx):
     return sig, codegen
 
 
+@_intrinsic
+def _wide_vectors(typingctx):
+    """Lets LLVM vectorise the function that calls it with 512-bit vectors (function
+    attribute ``"prefer-vector-width"="512"``; it emits no code).  LLVM's default for
+    AVX-512 CPUs is 256-bit vectors, half the lanes for the S_R loop's SplitMix64 and
+    the codec's integer loops.  Same arithmetic, same bits; on a host
+    without AVX-512 the vectors stay as wide as the host has.  In a ``prange`` body it
+    must be called inside the loop: numba outlines that body into its own function.
+    (llvmlite's attribute set accepts only LLVM's keyword attributes, so the string
+    attribute goes in past its check; llvmlite prints it verbatim.)"""
+    sig = _nbtypes.void()
+
+    def codegen(context, builder, signature, args):
+        try:   # speed only: without it the loops are the same, in 256-bit vectors
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        except Exception:  # pragma: no cover - an llvmlite without set-based attributes
+            pass
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 pjit = numba.njit(cache=True, nogil=True, parallel=True)
 
 
@@ -147,6 +174,7 @@ def sign_pack(x, xbits, mask, inf_bits, out, zero_key, use_zero_key, offset):
     nchunks = (d + SIGN_CHUNK - 1) // SIGN_CHUNK
     bad = np.zeros(nchunks, np.int64)
     for c in numba.prange(nchunks):
+        _wide_vectors()
         i0 = c * SIGN_CHUNK
         i1 = min(i0 + SIGN_CHUNK, d)
         m = i1 - i0
@@ -206,6 +234,7 @@ def stochastic_sign_pack(v, vbits, mask, inf_bits, seg_ends, half_over_r, r, out
     piece_max = np.zeros(nchunks + seg_ends.shape[0], vbits.dtype)  # (chunk c, segment s) -> c + s
     base = np.uint64(offset) * GOLDEN + GOLDEN + key  # word of i: mix(i * GOLDEN + base)
     for c in numba.prange(nchunks):
+        _wide_vectors()
         i0 = c * SR_CHUNK
         i1 = min(i0 + SR_CHUNK, d)
         flags = np.empty(SR_CHUNK, np.uint8)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._cpu import _host_has
+from ._cpu import _host_has, _wide_vectors
 from .bits import BITORDER, packed_nbytes
 
 jit = numba.njit(cache=True, nogil=True)
@@ -278,6 +278,7 @@ def _encode_chunk(c, packed, d, f, table, powers, out):
     bits (f <= 56) come from one unaligned 8-byte load of the packed bytes; the words
     too close to the end for that (and f > 56: 63 one-bit fields) read the bits as a
     stream, at most 8 at a time."""
+    _wide_vectors()
     nwords = out.shape[0]
     nbytes = (d + 7) >> 3
     ngroups = powers.shape[0]
@@ -382,6 +383,7 @@ def _exact_words(words, w0, nb, inv_scale, is_float, limit, vmax, v_out):
     """Words w0 .. w0 + nb - 1 as exact integers into v_out (a vectorisable pass):
     (max distance of a scaled float64 word from its integer, number of words outside
     [0, limit) or [0, vmax] (NaN included); those decode as 0)."""
+    _wide_vectors()
     mdev = 0.0
     bad = 0
     ws = words[w0:w0 + nb]
@@ -549,6 +551,7 @@ def _quotients(q, ng, nb, gpow, inv_gpow):
     """q[g, i] = floor(q[0, i] / gpow[g]) for g = 1..ng and i < nb (every q[0, i] below
     2**53): a float64 multiply by 1 / gpow[g], then one correction; across words, so it
     vectorises."""
+    _wide_vectors()
     src = q[0]
     for g in range(1, ng + 1):
         gp = gpow[g]
@@ -566,6 +569,7 @@ def _total_mix(counts, a, e, w, mix_base):
     """The counts of bytes [a, e) summed, and ``mix_sum``'s terms of the whole 8-byte
     words of counts from word w on that end at or before e (word i keyed as word
     mix_base + i of ``mix_sum``).  Returns (total, mix, next word)."""
+    _wide_vectors()
     tot = 0
     cs = counts[a:e]
     for i in range(e - a):
@@ -590,6 +594,7 @@ def _radix8_chunk(c, words, inv_scale, is_float, limit, vmax, d, f, k, table, co
     2**53).  The second looks group g = q_g - B**k q_(g+1) up in ``table`` (k count bytes
     at once) and stores it; the block's counts, still in L1, are then summed and hashed
     (``_total_mix``)."""
+    _wide_vectors()
     nwords = words.shape[0]
     w0c = c * WORD_CHUNK
     w1c = min(nwords, w0c + WORD_CHUNK)
