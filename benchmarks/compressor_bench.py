@@ -84,7 +84,7 @@ def rank_main(args):
                                 decompress=codec_clock.wrap(comp.decompress))
         opt = hvd.DistributedOptimizer(torch.optim.SGD([p for _, p in named], lr=1e-3),
                                        named_parameters=named, compression=timed, op=op)
-        codec, copy = [], []
+        codec, codec_cpu, copy = [], [], []
 
         def fresh_grads(i):  # untimed by the step clock, like the codec clock's reset
             t0 = time.perf_counter()
@@ -104,6 +104,7 @@ def rank_main(args):
         def keep_codec(i):
             if i >= args.warmup:
                 codec.append(codec_clock.seconds)
+                codec_cpu.append(codec_clock.cpu_seconds)
 
         (timing,) = interleave(
             [Method(step, before=fresh_grads, after=keep_codec)], args.steps, args.warmup,
@@ -116,10 +117,12 @@ def rank_main(args):
             message = comp.stats["wire_bytes"] // (args.warmup + args.steps)
             wire = comp.wire_used
         mine = torch.tensor([float(np.median(times)), float(np.median(codec)),
-                             float(np.median(copy))], dtype=torch.float64)
+                             float(np.median(copy)), float(np.median(codec_cpu))],
+                            dtype=torch.float64)
         worst = hvd.allreduce(mine, name=f"worst.{method}", op=hvd.Max)
         rows.append(dict(method=method, n=n, params=d, ms_per_step=1e3 * worst[0].item(),
                          codec_ms=1e3 * worst[1].item(), copy_ms=1e3 * worst[2].item(),
+                         codec_cpu_ms=1e3 * worst[3].item(),
                          codec_vs_copy=worst[1].item() / worst[2].item(),
                          message_bytes=int(message), wire=wire, op=args.op,
                          ring_bytes_per_rank=ring_allreduce_bytes(message, n),
@@ -140,12 +143,13 @@ def print_table(rows):
     print(f"\nn = {n} ranks, {rows[0]['params']:,} parameters, op={rows[0]['op']}, median "
           f"of {rows[0]['steps']} steps (slowest rank), load {rows[0]['loadavg']:.1f}")
     print(f"{'method':>6} {'wire':>13} {'ms/step':>9} {'codec ms':>9} {'copy ms':>8} "
-          f"{'codec/copy':>10} {'message MB':>11} {'ring MB/rank':>13} {'bits/param':>10} "
+          f"{'codec/copy':>10} {'codec CPU':>9} {'message MB':>11} {'ring MB/rank':>13} {'bits/param':>10} "
           f"{'time/none':>10} {'bytes/none':>11}")
     for r in rows:
         ratio = r["codec_vs_copy"] if r["codec_ms"] else float("nan")
         print(f"{r['method']:>6} {r['wire']:>13} {r['ms_per_step']:9.1f} {r['codec_ms']:9.1f} "
-              f"{r['copy_ms']:8.1f} {ratio:10.2f} {r['message_bytes'] / 1e6:11.2f} "
+              f"{r['copy_ms']:8.1f} {ratio:10.2f} {r.get('codec_cpu_ms', 0):9.1f} "
+              f"{r['message_bytes'] / 1e6:11.2f} "
               f"{r['ring_bytes_per_rank'] / 1e6:13.2f} {r['bits_per_param']:10.2f} "
               f"{r.get('time_vs_none', float('nan')):10.2f} "
               f"{r.get('bytes_vs_none', float('nan')):11.3f}")

@@ -80,7 +80,7 @@ def rank_main(a):
             timed = comp if method in ("none", "fp16") else type("Timed", (), dict(
                 compress=staticmethod(clock.wrap(comp.compress)),
                 decompress=staticmethod(clock.wrap(comp.decompress))))
-            run = dict(method=method, what=what, comp=comp, clock=clock, codec=[])
+            run = dict(method=method, what=what, comp=comp, clock=clock, codec=[], cpu=[])
             if what == "opt":
                 opt = hvd.DistributedOptimizer(
                     torch.optim.SGD(params, lr=1e-4), named_parameters=named,
@@ -106,12 +106,24 @@ def rank_main(a):
                 if i >= a.warmup:
                     run["codec"].append(run["clock"].seconds)
 
-            run["m"] = Method(step, before=before, after=after, name=f"{what}.{method}")
+            def cpu_clocked(i, step=step, run=run):
+                """The step, and this process's CPU seconds in it: all its threads
+                (Horovod's background thread, MPI's progress) and the main one."""
+                p0, t0 = time.process_time(), time.thread_time()
+                step(i)
+                if i >= a.warmup:
+                    run["cpu"].append((time.process_time() - p0, time.thread_time() - t0))
+
+            run["m"] = Method(cpu_clocked, before=before, after=after, name=f"{what}.{method}")
             runs.append(run)
     t0 = time.time()
     interleave([r["m"] for r in runs], a.reps, a.warmup, barrier=hvd.barrier,
                allmax=allmax, rotate=True)
     wall = time.time() - t0
+    for r in runs:   # median CPU seconds per step, summed over the ranks
+        med = np.median(np.asarray(r["cpu"], np.float64), axis=0)
+        r["cpu_sum"] = hvd.allreduce(torch.tensor(med), op=hvd.Sum,
+                                     name=f"bench.cpu.{r['m'].name}").tolist()
     if rank == 0:
         with open(a.out, "w") as f:
             for r in runs:
@@ -127,6 +139,8 @@ def rank_main(a):
                     method=method, what=r["what"], n=n, d=d, gbit=a.gbit,
                     seconds=float(np.median(r["m"].times)), times=r["m"].times,
                     codec_seconds=float(np.median(r["codec"])) if r["codec"] else 0.0,
+                    cpu_seconds_all_ranks=r["cpu_sum"][0],
+                    main_thread_cpu_seconds_all_ranks=r["cpu_sum"][1], cores=os.cpu_count(),
                     message_bytes=int(msg), wire=wire, reps=a.reps, job_seconds=wall,
                     loadavg=os.getloadavg())) + "\n")
     hvd.shutdown()
@@ -135,13 +149,16 @@ def rank_main(a):
 def print_table(rows):
     base = {(r["n"], r["what"]): r["seconds"] for r in rows if r["method"] == "none"}
     print(f"\n{'n':>2} {'step':>4} {'method':>6} {'wire':>13} {'ms':>8} {'codec ms':>9} "
-          f"{'message MB':>10} {'link MB/rank':>12} {'none/this':>9}")
+          f"{'message MB':>10} {'link MB/rank':>12} {'none/this':>9} {'CPU ms/core':>11} "
+          f"{'main %':>6}")
     for r in rows:
         b = base.get((r["n"], r["what"]))
         print(f"{r['n']:>2} {r['what']:>4} {r['method']:>6} {r['wire']:>13} "
               f"{1e3 * r['seconds']:8.0f} {1e3 * r['codec_seconds']:9.0f} "
               f"{r['message_bytes'] / 1e6:10.2f} {r.get('link_mb_per_rank', float('nan')):12.1f} "
-              f"{(b / r['seconds']) if b else float('nan'):9.2f}")
+              f"{(b / r['seconds']) if b else float('nan'):9.2f} "
+              f"{1e3 * r.get('cpu_seconds_all_ranks', float('nan')) / r.get('cores', 1):11.0f} "
+              f"{100 * r.get('main_thread_cpu_seconds_all_ranks', float('nan')) / max(r.get('cpu_seconds_all_ranks', 0), 1e-9):6.0f}")
 
 
 def main(argv=None):
