@@ -22,7 +22,9 @@ Columns: ``ms/step`` (median over the timed steps of the slowest rank), ``codec 
 (time inside compress + decompress per step, slowest rank), ``copy ms`` (each rank copies
 its fp32 gradients into preallocated tensors, ``Tensor.copy_``, right before every step of
 every method, untimed by the step clock: the memory floor, measured at the same moments
-as the codec; slowest rank), ``codec/copy``, ``message MB`` (what one rank
+as the codec; slowest rank), ``codec/copy``, ``CPU: codec``, ``copy`` and their ``ratio``
+(the same two on the calling thread's CPU clock, slowest rank: without the time a rank
+waited for a core, which with more ranks than cores is most of the wall time), ``message MB`` (what one rank
 hands to the allreduce per step: 4 B per parameter uncompressed), ``ring MB/rank`` (bytes
 one rank sends in a ring allreduce of that message, 2 (n-1)/n x message, as
 ``signcomm.comm.ring_allreduce_bytes`` counts it; MPICH picks its
@@ -84,14 +86,15 @@ def rank_main(args):
                                 decompress=codec_clock.wrap(comp.decompress))
         opt = hvd.DistributedOptimizer(torch.optim.SGD([p for _, p in named], lr=1e-3),
                                        named_parameters=named, compression=timed, op=op)
-        codec, codec_cpu, copy = [], [], []
+        codec, codec_cpu, copy, copy_cpu = [], [], [], []
 
         def fresh_grads(i):  # untimed by the step clock, like the codec clock's reset
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for c, g in zip(copies, grads):
                 c.copy_(g)
             if i >= args.warmup:
                 copy.append(time.perf_counter() - t0)
+                copy_cpu.append(time.thread_time() - c0)
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             codec_clock.reset()
@@ -117,16 +120,19 @@ def rank_main(args):
             message = comp.stats["wire_bytes"] // (args.warmup + args.steps)
             wire = comp.wire_used
         mine = torch.tensor([float(np.median(times)), float(np.median(codec)),
-                             float(np.median(copy)), float(np.median(codec_cpu))],
+                             float(np.median(copy)), float(np.median(codec_cpu)),
+                             float(np.median(copy_cpu))],
                             dtype=torch.float64)
         worst = hvd.allreduce(mine, name=f"worst.{method}", op=hvd.Max)
         rows.append(dict(method=method, n=n, params=d, ms_per_step=1e3 * worst[0].item(),
                          codec_ms=1e3 * worst[1].item(), copy_ms=1e3 * worst[2].item(),
-                         codec_cpu_ms=1e3 * worst[3].item(),
+                         codec_cpu_ms=1e3 * worst[3].item(), copy_cpu_ms=1e3 * worst[4].item(),
+                         codec_vs_copy_cpu=worst[3].item() / worst[4].item(),
                          codec_vs_copy=worst[1].item() / worst[2].item(),
                          message_bytes=int(message), wire=wire, op=args.op,
                          ring_bytes_per_rank=ring_allreduce_bytes(message, n),
-                         steps=args.steps, loadavg=os.getloadavg()[0]))
+                         steps=args.steps, loadavg=os.getloadavg()[0],
+                         cycle_time_ms=os.environ.get("HOROVOD_CYCLE_TIME", "1 (default)")))
         del opt
     if rank == 0:
         base = next((r for r in rows if r["method"] == "none"), None)
@@ -141,14 +147,16 @@ def rank_main(args):
 def print_table(rows):
     n = rows[0]["n"]
     print(f"\nn = {n} ranks, {rows[0]['params']:,} parameters, op={rows[0]['op']}, median "
-          f"of {rows[0]['steps']} steps (slowest rank), load {rows[0]['loadavg']:.1f}")
+          f"of {rows[0]['steps']} steps (slowest rank), load {rows[0]['loadavg']:.1f}, "
+          f"HOROVOD_CYCLE_TIME {rows[0].get('cycle_time_ms', '?')} ms")
     print(f"{'method':>6} {'wire':>13} {'ms/step':>9} {'codec ms':>9} {'copy ms':>8} "
-          f"{'codec/copy':>10} {'codec CPU':>9} {'message MB':>11} {'ring MB/rank':>13} {'bits/param':>10} "
+          f"{'codec/copy':>10} {'CPU: codec':>10} {'copy':>5} {'ratio':>5} {'message MB':>11} {'ring MB/rank':>13} {'bits/param':>10} "
           f"{'time/none':>10} {'bytes/none':>11}")
     for r in rows:
         ratio = r["codec_vs_copy"] if r["codec_ms"] else float("nan")
         print(f"{r['method']:>6} {r['wire']:>13} {r['ms_per_step']:9.1f} {r['codec_ms']:9.1f} "
-              f"{r['copy_ms']:8.1f} {ratio:10.2f} {r.get('codec_cpu_ms', 0):9.1f} "
+              f"{r['copy_ms']:8.1f} {ratio:10.2f} {r['codec_cpu_ms']:10.1f} {r['copy_cpu_ms']:5.1f} "
+              f"{r['codec_vs_copy_cpu'] if r['codec_ms'] else float('nan'):5.2f} "
               f"{r['message_bytes'] / 1e6:11.2f} "
               f"{r['ring_bytes_per_rank'] / 1e6:13.2f} {r['bits_per_param']:10.2f} "
               f"{r.get('time_vs_none', float('nan')):10.2f} "
@@ -184,7 +192,10 @@ def profile_main(args):
             best = min(best, time.thread_time() - t0)
         return 1e3 * best
 
-    copy_ms = cpu_ms(lambda: [c.copy_(g) for c, g in zip(copies, grads)])
+    def copy():
+        return [c.copy_(g) for c, g in zip(copies, grads)]
+
+    copy_ms = cpu_ms(copy)
     print(f"{d:,} fp32 parameters in {len(shapes)} tensors; thread CPU time, best of 5; "
           f"load {os.getloadavg()[0]:.1f}")
     print(f"memory copy (Tensor.copy_ into preallocated tensors): {copy_ms:.1f} ms "
@@ -216,9 +227,16 @@ def profile_main(args):
             def decompress():
                 return [c0.decompress(t, ctx) for t, ctx in zip(total, ctxs)]
 
-            comp_ms, dec_ms = cpu_ms(compress), cpu_ms(decompress)
+            # interleaved, best of 5 each: the copy beside the codec at the same moments
+            # (this machine's speed drifts by tens of percent within a minute)
+            best = [float("inf")] * 3
+            for _ in range(5):
+                for j, fn in enumerate((copy, compress, decompress)):
+                    best[j] = min(best[j], cpu_ms(fn, reps=1))
+            here_ms, comp_ms, dec_ms = best
             print(f"\nn = {n}, {method} (wire {c0.wire_used}): compress {comp_ms:.1f} ms + "
-                  f"decompress {dec_ms:.1f} ms = {(comp_ms + dec_ms) / copy_ms:.2f}x the copy")
+                  f"decompress {dec_ms:.1f} ms = {(comp_ms + dec_ms) / here_ms:.2f}x the copy "
+                  f"({here_ms:.1f} ms, interleaved)")
             prof = cProfile.Profile(time.thread_time)
             prof.enable()
             compress()
@@ -246,6 +264,11 @@ def main():
                     help="one process: the codec kernel by kernel against a memory copy")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="scale the parameter set (1.0 = 25.6M; smaller for a smoke run)")
+    ap.add_argument("--cycle-time-ms", type=float,
+                    help="HOROVOD_CYCLE_TIME for the jobs (default: Horovod's, 1 ms). Each "
+                         "cycle's negotiation is a blocking MPI collective that MPICH "
+                         "busy-waits in; with more ranks than cores it takes CPU from the "
+                         "codec (docs/compressors.md)")
     ap.add_argument("--json", help="also write all rows to this JSON file")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per mpirun job")
     ap.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
@@ -264,6 +287,8 @@ def main():
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", "1")
             env.setdefault("NUMBA_NUM_THREADS", str(threads_per_rank(n)))
+            if args.cycle_time_ms is not None:
+                env["HOROVOD_CYCLE_TIME"] = str(args.cycle_time_ms)
             env["PATH"] = str(venv) + os.pathsep + env.get("PATH", "")
             cmd = [mpirun, "-np", str(n), sys.executable, "-m", "mpi4py", __file__,
                    "--rank-main", "--out", str(out), "--steps", str(args.steps),
