@@ -19,8 +19,12 @@ rotating), for each method in ``--methods`` (none, fp16, sign, sr, s1):
 
 Each record: median over the timed repetitions of the slowest rank's seconds, the codec
 seconds (inside compress + decompress, slowest rank), the bytes one rank handed to the
-allreduce, the bytes that crossed each rank's link during the job (tc counters), and
-the load average.  Records go to ``--out`` (JSON); a table is printed.
+allreduce, the bytes that crossed each rank's link during the job (tc counters), the CPU
+seconds of a step summed over the ranks (each rank's median; its whole process, and its
+main thread alone), and the load average.  Records go to ``--out`` (JSON); a table is
+printed, where ``CPU ms/core`` is that CPU divided by the machine's cores (close to
+``ms``: the step kept every core busy) and ``main %`` the main threads' share of it (the
+rest: Horovod's background thread and MPI's progress, polling included).
 """
 from __future__ import annotations
 
