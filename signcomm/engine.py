@@ -56,9 +56,9 @@ class Layout:
     bucket in a flat vote, shard i of k in the hierarchical vote (``shard=(k, i)``), whose
     momentum is the shard's only (per-parameter views are then flat: a parameter's share
     of the shard, maybe empty).  The hierarchical layout also holds, per bucket, the
-    gradients to send (``staged``: k shards of ``spans[b]`` coordinates; unused once the
-    machine's transport offers its own send buffer, ``Hierarchy.send_buffer``) and the
-    machine's mean of this rank's shard (``mean``)."""
+    gradients to send (``staging(b)``: k shards of ``spans[b]`` coordinates, made on first
+    use and released once the machine's transport offers its own send buffer,
+    ``Hierarchy.send_buffer``) and the machine's mean of this rank's shard (``mean``)."""
 
     def __init__(self, params, bucket_elements=None, *, buckets=None, shard=None):
         """Buckets planned greedily from ``params`` (``bucket_elements`` coordinates at
@@ -77,10 +77,10 @@ class Layout:
         self.buckets, self.spans, self.staged, self.mean = self.whole, None, None, None
         if shard is not None:
             k, i = shard
+            self.shards = k
             self.buckets = [shard_bucket(b, k, i) for b in self.whole]
             self.spans = [shard_span(b.d, k) for b in self.whole]
-            self.staged = [torch.zeros(k * s, dtype=torch.float32, device=self.device)
-                           for s in self.spans]
+            self.staged = [None] * len(self.spans)
             self.mean = [torch.zeros(s, dtype=torch.float32, device=self.device)
                          for s in self.spans]
         self.flat, self.views, self.cur = [], [], [0] * len(self.buckets)
@@ -91,6 +91,18 @@ class Layout:
             self.views.append([[side[starts[j]:starts[j + 1]] if shard is not None else
                                 side[starts[j]:starts[j + 1]].view(p.shape)
                                 for j, p in enumerate(b.params)] for side in pair])
+
+    def staging(self, bi):
+        """Bucket ``bi``'s own send buffer of the hierarchical vote (k * ``spans[bi]``
+        fp32), made on first use."""
+        if self.staged[bi] is None:
+            self.staged[bi] = torch.zeros(self.shards * self.spans[bi], dtype=torch.float32,
+                                          device=self.device)
+        return self.staged[bi]
+
+    def release_staging(self, bi):
+        """Drop bucket ``bi``'s own send buffer (the machine's transport serves it now)."""
+        self.staged[bi] = None
 
     def momentum(self, bi, j):
         """v_{t-1} of parameter j of bucket bi (a view of the current side)."""
@@ -245,14 +257,13 @@ class VoteEngine:
     # -- 0. the hierarchical vote: the machine's mean gradient ------------------------------
     def stage(self, layout: Layout, bi: int, grads, names) -> Prepared:
         """Copy bucket ``bi``'s gradients (``grads[j]`` of parameter j) into its send
-        buffer (the returned ``Prepared``'s ``v``: ``layout.staged[bi]``, or the machine
+        buffer (the returned ``Prepared``'s ``v``: ``layout.staging(bi)``, or the machine
         transport's own buffer, ``Hierarchy.send_buffer``), fused with their finite
         check; ``start_control`` on the staged buckets then agrees and raises any error
         on every rank before anything is sent."""
         t0 = time.perf_counter()
         bad, error = [], None
-        send = self.hierarchy.send_buffer(layout.staged[bi], layout.spans[bi],
-                                          name=_mean_name(bi))
+        send = self.hierarchy.send_buffer(layout, bi, name=_mean_name(bi))
         try:
             backend = self.backend(layout.device)
             start = 0

@@ -121,15 +121,17 @@ class Hierarchy:
                 f"{self.machine}, local rank {self.local_rank})")
 
     # -- 1. the machine's mean gradient, shard by shard ------------------------------------
-    def send_buffer(self, staged, span, *, name):
-        """Where to stage a bucket's gradients for ``start_mean`` (k * span fp32): the
+    def send_buffer(self, layout, bi, *, name):
+        """Where to stage bucket ``bi``'s gradients for ``start_mean`` (k * span fp32): the
         machine transport's own buffer when it takes one without a copy (``rows_buffer``:
-        MPI's shared-memory window, from the bucket's second step on), else ``staged``."""
-        if staged.device.type == "cpu":
-            buf = self.local.rows_buffer((self.k, 4 * span), channel=1, name=name)
+        MPI's shared-memory window, from the bucket's second step on; the layout's own
+        buffer for the bucket is then released), else ``layout.staging(bi)``."""
+        if layout.device.type == "cpu":
+            buf = self.local.rows_buffer((self.k, 4 * layout.spans[bi]), channel=1, name=name)
             if buf is not None:
+                layout.release_staging(bi)
                 return torch.from_numpy(buf.reshape(-1)).view(torch.float32)
-        return staged
+        return layout.staging(bi)
 
     def start_mean(self, staged, span, *, name=None):
         """Post the alltoall of ``staged`` (k * span fp32: the bucket's gradients, shard j

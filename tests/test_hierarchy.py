@@ -148,7 +148,8 @@ def test_shared_window_or_messages(case):
     itself (``rows_buffer``); the alltoall and allgather where they do not (MPICH's
     MPIR_CVAR_NOLOCAL=1 makes every rank its own node) or where the window is switched
     off (SIGNCOMM_MPI_SHARED_WINDOW=0).  The same results either way: each exchange's
-    rows, and the hierarchical vote against the single-process oracle."""
+    rows, and the hierarchical vote against the single-process oracle; under the window
+    the buckets' own send buffers are released."""
     job = launch("hier_window.py", 4, timeout=120, env=dict(ENV, **WINDOW_CASES[case]))
     window = case == "one-host"
     ops = "allgather_shm,alltoall_shm" if window else "allgather,alltoall"
@@ -166,6 +167,10 @@ def test_shared_window_or_messages(case):
             assert str(job[r][f"ops-{method}"]) == ops
             got, want = job[r][f"traj-{method}"], oracle(method, 2, 2)
             assert bits_equal(got, want), f"{method} rank {r}: {first_difference(got, want)}"
+            # under the window each bucket's own send buffer (k * span fp32) is released
+            # after the first step; without it the buffers stay, one per bucket
+            staged = job[r][f"staged-{method}"]
+            assert len(staged) > 0 and (not staged.any() if window else staged.all()), staged
 
 
 def test_k1_equals_the_flat_vote(job):

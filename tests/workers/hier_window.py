@@ -40,6 +40,8 @@ for method, schedule in (("mvsm-v1", "sharded"), ("mvsm-v2", "allgather")):
     traj, opt, _ = P.train(method, schedule, lambda p, t: P.rank_grads(p, rank, t),
                            ranks_per_node=2)
     out[f"traj-{method}"] = traj
+    # which buckets still hold their own send buffer (released once the window serves)
+    out[f"staged-{method}"] = np.array([b is not None for b in opt.engine.layout.staged])
     out[f"ops-{method}"] = ",".join(sorted({rec.op for rec in opt.transport.ledger.records
                                             if rec.kind == "local"}))
 
