@@ -1,5 +1,6 @@
 """The overlap option changes timing, never results: overlapped and synchronous MVSM
-end bit-identical, on every rank, over both transports; a NaN mid-overlap still updates
+end bit-identical, on every rank, over MPI, Horovod and torch.distributed (gloo, under
+torchrun); a NaN mid-overlap still updates
 nothing anywhere; ranks whose gradients cover different parameters get an error on every
 rank and train on afterwards, ranks that all lack the same gradients fall back to the
 synchronous step."""
@@ -11,7 +12,8 @@ from harness import launch
 
 
 @pytest.mark.parametrize("launcher,transport,n", [
-    ("mpirun", "mpi", 3), pytest.param("horovodrun", "horovod", 2, marks=requires_horovod)])
+    ("mpirun", "mpi", 3), pytest.param("horovodrun", "horovod", 2, marks=requires_horovod),
+    ("torchrun", "torch", 2)])
 def test_overlap_equals_sync(launcher, transport, n):
     job = launch("optim_overlap.py", n, launcher=launcher, args=[transport], timeout=180)
     for variant in ("v1", "v2"):

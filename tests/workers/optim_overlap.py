@@ -9,6 +9,8 @@ transport = sys.argv[1]
 if transport == "horovod":
     import horovod.torch as hvd
     hvd.init()
+elif transport == "torch":   # under torchrun, as a user's script starts
+    torch.distributed.init_process_group("gloo")
 import signcomm  # noqa: E402
 
 
