@@ -264,13 +264,7 @@ def counts_hash(counts, mix=None) -> int:
     raw = c.view(np.uint8).reshape(-1)
     nbytes = raw.shape[0]
     whole = nbytes // 8 * 8
-    if mix is not None:
-        h = int(mix)
-    elif whole:
-        words = raw[:whole].view("<u8")
-        h = int(_fields.mix_sum(words if words.flags.aligned else words.copy(), 0))
-    else:
-        h = 0
+    h = int(mix) if mix is not None else codec.mix_sum_bytes(raw)
     if whole < nbytes:
         tail = np.zeros(8, np.uint8)
         tail[:nbytes - whole] = raw[whole:]

@@ -212,10 +212,16 @@ def decode_layout(words, d: int, lay: Layout, n: int, counts_out, *, inv_scale: 
     if mix_base is None:
         return float(dev), int(tot), int(bad)
     if mix is None:
-        whole = counts_out[:d // 8 * 8]
-        mix = _fields.mix_sum(whole.view(np.uint64) if whole.flags.aligned else
-                              whole.copy().view(np.uint64), int(mix_base))
+        mix = mix_sum_bytes(counts_out[:d], int(mix_base))
     return float(dev), int(tot), int(bad), int(mix)
+
+
+def mix_sum_bytes(raw, i0: int = 0) -> int:
+    """``_fields.mix_sum`` of the whole little-endian 8-byte words of the uint8 array
+    ``raw`` (a trailing partial word is left out), word i keyed as word i0 + i; the
+    words are copied only when ``raw`` is not 8-byte aligned."""
+    words = raw[:raw.shape[0] // 8 * 8].view("<u8")
+    return int(_fields.mix_sum(words if words.flags.aligned else words.copy(), i0))
 
 
 def encode(packed, d: int, b: int, word: str = "int64", *, header: int = 0):
