@@ -24,9 +24,10 @@ its fp32 gradients into preallocated tensors, ``Tensor.copy_``, right before eve
 every method, untimed by the step clock: the memory floor, measured at the same moments
 as the codec; slowest rank), ``codec/copy``, ``CPU: codec``, ``copy`` and their ``ratio``
 (the same two on the calling thread's CPU clock, slowest rank: without the time a rank
-waited for a core, which with more ranks than cores is most of the wall time), ``message MB`` (what one rank
-hands to the allreduce per step: 4 B per parameter uncompressed), ``ring MB/rank`` (bytes
-one rank sends in a ring allreduce of that message, 2 (n-1)/n x message, as
+waited for a core, which with more ranks than cores is most of the wall time),
+``message MB`` (what one rank hands to the allreduce per step: 4 B per parameter
+uncompressed), ``ring MB/rank`` (bytes one rank sends in a ring allreduce of that
+message, 2 (n-1)/n x message, as
 ``signcomm.comm.ring_allreduce_bytes`` counts it; MPICH picks its
 own algorithm, so this is the textbook figure, not a measurement), and the ratios of time
 and bytes to ``none``.
@@ -150,12 +151,14 @@ def print_table(rows):
           f"of {rows[0]['steps']} steps (slowest rank), load {rows[0]['loadavg']:.1f}, "
           f"HOROVOD_CYCLE_TIME {rows[0].get('cycle_time_ms', '?')} ms")
     print(f"{'method':>6} {'wire':>13} {'ms/step':>9} {'codec ms':>9} {'copy ms':>8} "
-          f"{'codec/copy':>10} {'CPU: codec':>10} {'copy':>5} {'ratio':>5} {'message MB':>11} {'ring MB/rank':>13} {'bits/param':>10} "
+          f"{'codec/copy':>10} {'CPU: codec':>10} {'copy':>5} {'ratio':>5} "
+          f"{'message MB':>11} {'ring MB/rank':>13} {'bits/param':>10} "
           f"{'time/none':>10} {'bytes/none':>11}")
     for r in rows:
         ratio = r["codec_vs_copy"] if r["codec_ms"] else float("nan")
         print(f"{r['method']:>6} {r['wire']:>13} {r['ms_per_step']:9.1f} {r['codec_ms']:9.1f} "
-              f"{r['copy_ms']:8.1f} {ratio:10.2f} {r['codec_cpu_ms']:10.1f} {r['copy_cpu_ms']:5.1f} "
+              f"{r['copy_ms']:8.1f} {ratio:10.2f} {r['codec_cpu_ms']:10.1f} "
+              f"{r['copy_cpu_ms']:5.1f} "
               f"{r['codec_vs_copy_cpu'] if r['codec_ms'] else float('nan'):5.2f} "
               f"{r['message_bytes'] / 1e6:11.2f} "
               f"{r['ring_bytes_per_rank'] / 1e6:13.2f} {r['bits_per_param']:10.2f} "

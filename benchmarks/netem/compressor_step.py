@@ -157,12 +157,13 @@ def print_table(rows):
           f"{'main %':>6}")
     for r in rows:
         b = base.get((r["n"], r["what"]))
+        cpu = r.get("cpu_seconds_all_ranks", float("nan"))   # (older records lack them)
+        main = r.get("main_thread_cpu_seconds_all_ranks", float("nan"))
         print(f"{r['n']:>2} {r['what']:>4} {r['method']:>6} {r['wire']:>13} "
               f"{1e3 * r['seconds']:8.0f} {1e3 * r['codec_seconds']:9.0f} "
               f"{r['message_bytes'] / 1e6:10.2f} {r.get('link_mb_per_rank', float('nan')):12.1f} "
               f"{(b / r['seconds']) if b else float('nan'):9.2f} "
-              f"{1e3 * r.get('cpu_seconds_all_ranks', float('nan')) / r.get('cores', 1):11.0f} "
-              f"{100 * r.get('main_thread_cpu_seconds_all_ranks', float('nan')) / max(r.get('cpu_seconds_all_ranks', 0), 1e-9):6.0f}")
+              f"{1e3 * cpu / r.get('cores', 1):11.0f} {100 * main / max(cpu, 1e-9):6.0f}")
 
 
 def main(argv=None):
