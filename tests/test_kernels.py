@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -583,6 +584,38 @@ def test_vote_values_from_counts_equals_vote_then_values(n, d):
             assert got.dtype == np.float32 and (out is None or got is out)
             np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32),
                                           err_msg=f"{rule}")
+
+
+@pytest.mark.parametrize("n", [2, 8])
+@pytest.mark.parametrize("radix", [False, True])
+def test_decode_reports_the_largest_rounding_distance_and_nan(n, radix):
+    """The float64 decode's first return is the largest |scaled word - its integer| over
+    the words, inf if a word is NaN (then that word is also bad), in the serial and the
+    parallel kernels (the max is taken on the distances' bit patterns)."""
+    from signcomm.kernels import fields
+    lay = fields.layout(n, "float64", radix)
+    for d in (1001, (fields.PARALLEL_WORDS + 3) * lay.f + 5):
+        g = random_gathered(np.random.default_rng([n, d]), n, d, 0.5)
+        words = sum(fields.encode_layout(g[r], d, lay)[0] for r in range(n))
+        counts = np.empty(d, np.uint8)
+        gen = np.random.default_rng(d)
+        nudged = words + gen.uniform(-0.2, 0.2, words.shape)
+        far = gen.integers(words.shape[0])
+        nudged[far] = words[far] + 0.3125          # the largest distance, exact in float64
+        want = np.abs(nudged - np.rint(nudged)).max()
+        assert want == 0.3125
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            try:
+                dev, tot, bad = fields.decode_layout(nudged, d, lay, n, counts)
+                assert (dev, bad) == (want, 0)
+                np.testing.assert_array_equal(counts, naive_counts(g, d))
+                broken = nudged.copy()
+                broken[gen.integers(words.shape[0])] = np.nan
+                dev, tot, bad = fields.decode_layout(broken, d, lay, n, counts)
+                assert dev == np.inf and bad >= 1
+            finally:
+                numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 8])

@@ -18,6 +18,9 @@ Speed notes (``benchmarks/compressor_bench.py --profile`` measures them against 
   (BMI2) and one 8-byte store; radix words are split into groups of k digits with a
   float64 multiply by ``1 / B**k`` (exact after one correction, every value is below
   2**53) and a table lookup that yields k count bytes at once;
+- a float64 word becomes its exact integer in vectorised passes; the largest rounding
+  distance is an integer max over the distances' bit patterns (a float max with NaN
+  rules stays scalar: 0.06-0.13 ns per coordinate more at n = 2-8);
 - both run over chunks of words in parallel; a chunk's last word is stored byte by byte
   so no 8-byte store crosses into another thread's counts.
 """
@@ -188,6 +191,7 @@ WORD_CHUNK = 1 << 12     # words per parallel task (a multiple of 8: a chunk's c
                          # start on a whole 8-byte word, so chunks hash whole words)
 
 
+INF_BITS = np.int64(0x7FF0000000000000)   # float64 inf's bit pattern
 HAVE_PDEP = _host_has("bmi2")   # else the portable decode runs
 
 
@@ -380,32 +384,41 @@ def _store8(out, p, x, limit):
 
 @jit
 def _exact_words(words, w0, nb, inv_scale, is_float, limit, vmax, v_out):
-    """Words w0 .. w0 + nb - 1 as exact integers into v_out (a vectorisable pass):
-    (max distance of a scaled float64 word from its integer, number of words outside
-    [0, limit) or [0, vmax] (NaN included); those decode as 0)."""
+    """Words w0 .. w0 + nb - 1 as exact integers into v_out (vectorisable passes):
+    (max distance of a scaled float64 word from its integer, inf if one is NaN; number of
+    words outside [0, limit) or [0, vmax], NaN included; those decode as 0).  The
+    distances go through v_out first, as float64, and their max is taken on their bit
+    patterns (an integer max vectorises; a float one with NaN rules does not; a
+    non-negative float's pattern orders like the float, and NaN's lies above inf's)."""
     _wide_vectors()
     mdev = 0.0
     bad = 0
     ws = words[w0:w0 + nb]
+    vs = v_out[:nb]
     if is_float:
-        nan = 0
+        devs = vs.view(np.float64)
         for i in range(nb):
             x = np.float64(ws[i]) * inv_scale
-            r = np.rint(x)
-            dev = abs(x - r)
-            mdev = max(mdev, dev)
-            nan |= np.int64(dev != dev)
+            devs[i] = abs(x - np.rint(x))
+        top = np.int64(0)
+        for i in range(nb):
+            top = max(top, vs[i])
+        if top > INF_BITS:
+            mdev = np.inf
+        elif top > 0:
+            vs[0] = top
+            mdev = devs[0]
+        for i in range(nb):
+            r = np.rint(np.float64(ws[i]) * inv_scale)
             ok = (r >= 0.0) & (r < limit)
             bad += np.int64(not ok)
-            v_out[i] = np.int64(r if ok else 0.0)
-        if nan:
-            mdev = np.inf
+            vs[i] = np.int64(r if ok else 0.0)
     else:
         for i in range(nb):
             v = np.int64(ws[i])
             ok = (v >= 0) & (v <= vmax)
             bad += np.int64(not ok)
-            v_out[i] = v if ok else 0
+            vs[i] = v if ok else 0
     return mdev, bad
 
 
