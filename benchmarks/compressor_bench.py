@@ -6,9 +6,10 @@
 
 launches ``mpirun -np N`` of itself for each N (the compressors are compared in the same
 job, so the ratios share one machine state) and prints one table per N.  ``--profile``
-runs one process instead: n ranks simulated with ``size=/rank=`` compressors, the
-codec of one of them under cProfile (thread CPU time), kernel by kernel, next to a
-memory copy of the same gradients.
+runs one process instead: n ranks simulated with ``size=/rank=`` compressors, each
+repetition a whole step of all of them (compress, sum, decompress, through the public
+calls only), rank 0's codec timed on the thread CPU clock next to a memory copy of the
+same gradients, then one more step under cProfile, kernel by kernel.
 
 The parameter set: 16 tensors, 25,640,960 float32 parameters, shaped like ResNet-50's
 largest layers: the (1000, 2048) classifier, six (512, 512, 3, 3) and nine
@@ -211,40 +212,48 @@ def profile_main(args):
             comps = [compressors.MajorityVoteCompressor(
                 contribute=contribute, vote=vote, size=n, rank=j, seed=1, wire=args.wire)
                 for j in range(n)]
-            sent = None
-            for _ in range(2):   # two steps: the second uses the common R
-                sent = [[c.compress(g * (1 + 0.5 * j)) for g in grads]
-                        for j, c in enumerate(comps)]
+
+            def step(prof=None):
+                """One step of the n simulated ranks (rank j's gradients scaled by
+                1 + j/2); returns rank 0's compress and decompress thread CPU ms, with
+                ``prof`` (a cProfile) on around them."""
+                spans = []
+
+                def timed(fn):
+                    if prof:
+                        prof.enable()
+                    t0 = time.thread_time()
+                    out = fn()
+                    spans.append(1e3 * (time.thread_time() - t0))
+                    if prof:
+                        prof.disable()
+                    return out
+
+                sent = [timed(lambda: [comps[0].compress(g) for g in grads])]
+                sent += [[c.compress(g * (1 + 0.5 * j)) for g in grads]
+                         for j, c in enumerate(comps[1:], 1)]
                 total = [sum(s[i][0] for s in sent) for i in range(len(grads))]
-                for j, c in enumerate(comps):
+                for j, c in enumerate(comps[1:], 1):
                     for t, (_, ctx) in zip(total, sent[j]):
                         c.decompress(t.clone(), ctx)
-            c0 = comps[0]
+                timed(lambda: [comps[0].decompress(t, ctx)
+                               for t, (_, ctx) in zip(total, sent[0])])
+                return spans
 
-            def compress():
-                c0._phase, c0._step = "decompress", c0._step - 1   # same step again
-                return [c0.compress(g) for g in grads]
-
-            ctxs = [ctx for _, ctx in sent[0]]
-
-            def decompress():
-                return [c0.decompress(t, ctx) for t, ctx in zip(total, ctxs)]
-
+            for _ in range(2):   # two steps: the second uses the common R
+                step()
             # interleaved, best of 5 each: the copy beside the codec at the same moments
             # (this machine's speed drifts by tens of percent within a minute)
             best = [float("inf")] * 3
             for _ in range(5):
-                for j, fn in enumerate((copy, compress, decompress)):
-                    best[j] = min(best[j], cpu_ms(fn, reps=1))
+                here = [cpu_ms(copy, reps=1)] + step()
+                best = [min(b, h) for b, h in zip(best, here)]
             here_ms, comp_ms, dec_ms = best
-            print(f"\nn = {n}, {method} (wire {c0.wire_used}): compress {comp_ms:.1f} ms + "
-                  f"decompress {dec_ms:.1f} ms = {(comp_ms + dec_ms) / here_ms:.2f}x the copy "
-                  f"({here_ms:.1f} ms, interleaved)")
+            print(f"\nn = {n}, {method} (wire {comps[0].wire_used}): compress {comp_ms:.1f} ms "
+                  f"+ decompress {dec_ms:.1f} ms = {(comp_ms + dec_ms) / here_ms:.2f}x the "
+                  f"copy ({here_ms:.1f} ms, interleaved)")
             prof = cProfile.Profile(time.thread_time)
-            prof.enable()
-            compress()
-            decompress()
-            prof.disable()
+            step(prof)
             st = pstats.Stats(prof)
             rows = sorted(((v[2], f) for f, v in st.stats.items()), reverse=True)[:10]
             for tt, (fname, line, func) in rows:
