@@ -208,6 +208,14 @@ def sign_pack(x, xbits, mask, inf_bits, out, zero_key, use_zero_key, offset):
     return bad.sum()
 
 
+@jit
+def _value_of(pattern, v, vbits):
+    """The float64 value of the bit pattern ``pattern`` of v's dtype (vbits: v's bits)."""
+    tmp = np.empty(1, vbits.dtype)
+    tmp[0] = pattern
+    return np.float64(tmp.view(v.dtype)[0])
+
+
 @pjit
 def stochastic_sign_pack(v, vbits, mask, inf_bits, seg_ends, half_over_r, r, out, seg_max, key,
                          offset):
@@ -222,7 +230,8 @@ def stochastic_sign_pack(v, vbits, mask, inf_bits, seg_ends, half_over_r, r, out
     integer max vectorises; a float one with NaN rules does not).  Each parallel task
     keeps the max of its piece of each segment, reduced at the end.  The non-finite
     count comes from the same max: only a task whose max pattern reaches ``inf_bits``
-    (the pattern of Inf) counts its NaN/Inf, in a second pass over its piece (rare).
+    (the pattern of Inf) counts its NaN/Inf, in a second pass over its piece (rare), and
+    only a piece whose max exceeds its R counts its clamped coordinates.
 
     The 53-bit integer z >> 11 becomes a float64 exactly, in one conversion where the
     host has AVX-512DQ (vector uint64 -> float64), else in two exact int32 halves
@@ -256,7 +265,6 @@ def stochastic_sign_pack(v, vbits, mask, inf_bits, seg_ends, half_over_r, r, out
             m = mask ^ mask   # 0 of the mask's type
             for k in range(e - a):
                 x = np.float64(vs[k])
-                nclamp += np.int32(abs(x) > rs)
                 ub = us[k] & mask
                 m = ub if ub > m else m
                 z = np.uint64(k) * GOLDEN + base_a
@@ -271,6 +279,9 @@ def stochastic_sign_pack(v, vbits, mask, inf_bits, seg_ends, half_over_r, r, out
                     u = (hi * TWO_31 + lo) * TWO_M53
                 fs[k] = u < 0.5 + x * hs
             piece_max[c + s] = m
+            if not _value_of(m, vs, us) <= rs:   # some |v| > R, or a NaN: count the
+                for k in range(e - a):           # clamped ones (rare: R is the bound)
+                    nclamp += np.int32(abs(np.float64(vs[k])) > rs)
             mc = m if m > mc else mc
             a = e
             s += 1
