@@ -55,6 +55,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -123,6 +124,11 @@ def _flat(tensor):
     if x.dtype not in (torch.float32, torch.float64):
         x = x.to(torch.float32)
     return x.reshape(-1).contiguous()
+
+
+def _zero_bits(d):
+    """The packed bits a rank with NaN/Inf sends (all 0: nothing is applied)."""
+    return np.zeros(K.packed_nbytes(d), np.uint8)
 
 
 def _count_nonfinite(x) -> int:
@@ -409,8 +415,10 @@ class MajorityVoteCompressor:
         tensor references any more (the caller dropped the gradient, Horovod the wire
         tensor), else a new one kept for later.  Fresh memory costs a page fault per 4
         KiB on first touch, a sizeable part of the codec's time at 25M coordinates."""
-        pool = self._pool.setdefault((what, int(length), np.dtype(dtype).str), [])
-        for buf in pool:
+        pool = self._pool.setdefault((what, int(length), np.dtype(dtype).str), deque())
+        for _ in range(len(pool)):   # oldest first: the one most likely free again
+            buf = pool[0]
+            pool.rotate(-1)          # (a model's many same-sized tensors: O(1), not O(n))
             if sys.getrefcount(buf) <= 3:   # the pool, ``buf`` and getrefcount's argument
                 return buf
         buf = K.aligned_empty(int(length), dtype)   # (streamed stores need 32 bytes)
@@ -501,7 +509,6 @@ class MajorityVoteCompressor:
         the R it used, the R code and max-|g| exponent for the header.  ``x`` is the flat
         gradient on its device; the backend makes the bits there."""
         backend = get_backend(self.backend, x.device)
-        zeros = np.zeros(K.packed_nbytes(d), np.uint8)
         if self.contribute == "sign":
             key_rng = rank_key(self.seed, K.Purpose.ZERO_COIN, rank, step, d, k)
             if backend.name == "numba":   # the finite check is fused into the kernel
@@ -509,10 +516,10 @@ class MajorityVoteCompressor:
                 try:
                     return K.pack_signs(v, zero_key=key_rng), 0, None, 0, None
                 except K.NonFiniteError:
-                    return zeros, max(1, _count_nonfinite(v)), None, 0, None
+                    return _zero_bits(d), max(1, _count_nonfinite(v)), None, 0, None
             nonfinite = int((~torch.isfinite(x)).sum()) if d else 0
             if nonfinite:
-                return zeros, nonfinite, None, 0, None
+                return _zero_bits(d), nonfinite, None, 0, None
             return backend.host(backend.sign_pack(x, key_rng, 0)), 0, None, 0, None
         key_rng = rank_key(self.seed, K.Purpose.STOCHASTIC_SIGN, rank, step, d, k)
         known = self._known_r(key, n, wire) if backend.name == "numba" else None
@@ -523,7 +530,7 @@ class MajorityVoteCompressor:
                                                             max_abs=True)
             local = float(found[0])   # NaN if v has a NaN (as local_max_abs)
             if not math.isfinite(local):
-                return zeros, max(1, _count_nonfinite(v)), None, 0, None
+                return _zero_bits(d), max(1, _count_nonfinite(v)), None, 0, None
             self.stats[counter] += int(clamped)
             exponent = W.max_exponent(local, n) if self.common else None
             return packed, 0, float(r), r_code, exponent
@@ -535,7 +542,7 @@ class MajorityVoteCompressor:
         if not math.isfinite(local):
             count = _count_nonfinite(x.numpy()) if backend.name == "numba" else \
                 int((~torch.isfinite(x)).sum())
-            return zeros, max(1, count), None, 0, None
+            return _zero_bits(d), max(1, count), None, 0, None
         r, r_code, counter = self._r_for(key, local, n, wire)
         if backend.name == "numba":
             packed, clamped = K.stochastic_sign_pack(v, r, key_rng)

@@ -410,6 +410,30 @@ def test_shared_randomness_does_not_depend_on_hook_order():
         assert torch.equal(results[0][nm], results[1][nm])
 
 
+def test_buffers_are_reused_only_once_nothing_holds_them():
+    """Decompressed values live in buffers the compressor reuses: never one that a
+    result still alive uses (earlier results keep their values), and, once the results
+    are dropped, the same memory again rather than new (many same-sized tensors)."""
+    comps = [C.MajorityVoteCompressor(contribute="sr", vote="s1", size=2, rank=j, seed=1)
+             for j in range(2)]
+    grads = _grads(2, [(300,)] * 6, seed=5, zeros=0.0)
+
+    def rank0():
+        return list(simulate(comps, grads)[0].values())
+
+    held = rank0()
+    kept = [h.clone() for h in held]
+    again = rank0()
+    first = {h.data_ptr() for h in held}
+    assert len(first) == 6 and not first & {a.data_ptr() for a in again}
+    for h, k in zip(held, kept):
+        assert torch.equal(h, k)
+    seen = first | {a.data_ptr() for a in again}
+    del held, kept, again
+    for _ in range(3):
+        assert {t.data_ptr() for t in rank0()} <= seen
+
+
 def test_step_advances_once_per_compress_phase():
     n = 2
     comps = [C.S1Compressor(size=n, rank=j) for j in range(n)]

@@ -3,6 +3,7 @@ array version (CuPy input).  No MPI, no torch here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import numpy as np
@@ -48,6 +49,7 @@ def _cpu_rows(gathered, nbytes):
     return np.ascontiguousarray(gathered[:, :nbytes])
 
 
+@lru_cache(maxsize=None)
 def float_bit_view(dtype):
     """(unsigned type of a float dtype's bit patterns, the mask that clears the sign
     bit, the pattern of Inf): |x| orders like ``pattern & mask``, NaN above Inf."""
@@ -127,9 +129,13 @@ def stochastic_sign_pack(v, r, key: int, *, seg_sizes=None, offset: int = 0,
     else:
         packed = np.empty(packed_nbytes(d), np.uint8)
         nonempty = seg_sizes > 0
-        seg_ends = np.cumsum(seg_sizes)[nonempty]
-        seg_ends = np.append(seg_ends, np.iinfo(np.int64).max)  # sentinel
-        rr = np.append(r_host[nonempty], 1.0)
+        k = int(np.count_nonzero(nonempty))
+        seg_ends = np.empty(k + 1, np.int64)
+        seg_ends[:k] = np.cumsum(seg_sizes)[nonempty]
+        seg_ends[k] = np.iinfo(np.int64).max   # sentinel
+        rr = np.empty(k + 1, np.float64)
+        rr[:k] = r_host[nonempty]
+        rr[k] = 1.0
         vc = _cpu_float(v)
         ut, mask, inf_bits = float_bit_view(vc.dtype)
         found = np.zeros(seg_ends.shape[0], ut)
