@@ -103,7 +103,7 @@ else
         if command -v readelf >/dev/null; then
             mkdir "$BUILD/check" && (cd "$BUILD/check" && "$PY" -m zipfile -e "$BUILD"/wheel/horovod-*.whl .)
             for so in $(find "$BUILD/check" -name '*.so'); do
-                if readelf -d "$so" | grep -E 'R(UN)?PATH' | grep -q "$VENV"; then
+                if readelf -d "$so" | grep -E 'R(UN)?PATH' | grep "$VENV" >/dev/null; then
                     fail "the built $(basename "$so") has an absolute RUNPATH into $VENV, so the cached wheel would break in another clone" \
                         "check that patches/horovod-$HOROVOD_VERSION.patch sets CMAKE_INSTALL_RPATH and applied"
                 fi
@@ -118,14 +118,14 @@ else
     step "checking Horovod: built with PyTorch, MPI and Gloo, runs in MPI mode"
     CHECK=$(horovodrun --check-build 2>&1) || fail "horovodrun --check-build failed: $CHECK" "delete $WHEEL_DIR and rerun"
     for need in PyTorch MPI Gloo; do
-        echo "$CHECK" | grep -qF "[X] $need" || fail "horovodrun --check-build does not list $need (is horovod.torch importable? try: $PY -c 'import horovod.torch'): $CHECK" \
+        grep -qF "[X] $need" <<<"$CHECK" || fail "horovodrun --check-build does not list $need (is horovod.torch importable? try: $PY -c 'import horovod.torch'): $CHECK" \
             "delete $WHEEL_DIR and rerun make setup"
     done
     # Only rank 0 reports, in one write: horovodrun prefixes each chunk it reads with
     # "[rank]", so two ranks printing word by word interleave ("[1] MPI[1]  [1] 2").
     MODE=$(timeout 120 horovodrun -np 2 "$PY" -c 'import sys, horovod.torch as hvd; hvd.init(); hvd.rank() == 0 and sys.stdout.write("mode=%s size=%d\n" % ("MPI" if hvd.mpi_enabled() else "GLOO", hvd.size())); sys.stdout.flush()' 2>&1) \
         || fail "horovodrun -np 2 failed: $MODE" "check that .venv/bin/mpirun is MPICH (mpirun --version)"
-    echo "$MODE" | sed -E 's/\[[0-9]+\] ?//g' | grep -q "mode=MPI size=2" || fail "horovodrun did not run in MPI mode: $MODE" \
+    echo "$MODE" | sed -E 's/\[[0-9]+\] ?//g' | grep "mode=MPI size=2" >/dev/null || fail "horovodrun did not run in MPI mode: $MODE" \
         "check that .venv/bin/mpirun comes first in PATH and is MPICH"
     echo "setup: horovodrun -np 2 runs in MPI mode"
 fi
