@@ -39,6 +39,23 @@ __all__ = [
 ]
 
 
+# -- parameter sets -----------------------------------------------------------------------
+
+def resnet50_shapes():
+    """The parameter shapes of torchvision's resnet50(), in order (no torchvision needed)."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,),
+                       (planes, planes, 3, 3), (planes,), (planes,),
+                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            if b == 0:  # downsample: 1x1 conv + batch norm
+                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
+            inplanes = planes * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
 # -- threads ------------------------------------------------------------------------------
 
 def local_ranks() -> int:

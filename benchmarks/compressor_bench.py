@@ -11,9 +11,12 @@ repetition a whole step of all of them (compress, sum, decompress, through the p
 calls only), rank 0's codec timed on the thread CPU clock next to a memory copy of the
 same gradients, then one more step under cProfile, kernel by kernel.
 
-The parameter set: 16 tensors, 25,640,960 float32 parameters, shaped like ResNet-50's
-largest layers: the (1000, 2048) classifier, six (512, 512, 3, 3) and nine
-(2048, 512, 1, 1) convolutions (ResNet-50 has 25.6M parameters).  A step is what the
+The parameter set (``--shapes blocks``, the default): 16 tensors, 25,640,960 float32
+parameters, shaped like ResNet-50's largest layers: the (1000, 2048) classifier, six
+(512, 512, 3, 3) and nine (2048, 512, 1, 1) convolutions (ResNet-50 has 25.6M
+parameters).  ``--shapes resnet50``: torchvision's resnet50() itself, 161 tensors and
+25,557,032 parameters, most of them small biases and batch norms, so the codec's fixed
+cost per tensor shows.  A step is what the
 DistributedOptimizer does after backward: each rank's (fixed, random) gradients are
 compressed, allreduced with Horovod's default op (Average), decompressed, and applied by
 SGD: ``opt.synchronize()`` then ``opt.step()`` under ``skip_synchronize``.  No backward
@@ -45,9 +48,19 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import Method, Stopwatch, interleave, ring_allreduce_bytes, threads_per_rank
+from common import (Method, Stopwatch, interleave, resnet50_shapes, ring_allreduce_bytes,
+                    threads_per_rank)
 
 SHAPES = [(1000, 2048)] + [(512, 512, 3, 3)] * 6 + [(2048, 512, 1, 1)] * 9
+SHAPE_SETS = {"blocks": lambda: SHAPES, "resnet50": resnet50_shapes}
+
+
+def parameter_shapes(args):
+    """The ``--shapes`` set, scaled along each tensor's first dimension by ``--scale``."""
+    shapes = SHAPE_SETS[args.shapes]()
+    if args.scale == 1.0:
+        return shapes
+    return [(max(1, int(s[0] * args.scale)),) + s[1:] for s in shapes]
 METHODS = ("none", "fp16", "sign", "sr", "s1")
 WIRES = ("auto", "float64", "int64", "float64-radix", "int64-radix")
 
@@ -62,8 +75,7 @@ def rank_main(args):
     hvd.init()
     torch.set_num_threads(1)
     n, rank = hvd.size(), hvd.rank()
-    shapes = SHAPES if args.scale == 1.0 else [
-        (max(1, int(s[0] * args.scale)),) + s[1:] for s in SHAPES]
+    shapes = parameter_shapes(args)
     gen = torch.Generator().manual_seed(1234 + rank)
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     grads = [torch.randn(s, generator=gen) for s in shapes]
@@ -181,8 +193,7 @@ def profile_main(args):
     numba.set_num_threads(1)
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1234)
-    shapes = SHAPES if args.scale == 1.0 else [
-        (max(1, int(s[0] * args.scale)),) + s[1:] for s in SHAPES]
+    shapes = parameter_shapes(args)
     grads = [torch.randn(s, generator=gen) for s in shapes]
     d = sum(g.numel() for g in grads)
     copies = [torch.empty_like(g) for g in grads]
@@ -272,6 +283,10 @@ def main():
                     help="the compressors' wire (default auto: the cheapest exact one)")
     ap.add_argument("--op", default="average", choices=("average", "sum"),
                     help="the DistributedOptimizer's op (sum lets wire=auto use int64 words)")
+    ap.add_argument("--shapes", default="blocks", choices=tuple(SHAPE_SETS),
+                    help="the parameter set: 'blocks' (16 tensors, ResNet-50's largest "
+                         "layers) or 'resnet50' (torchvision's 161 tensors, biases and "
+                         "batch norms included: the per-tensor overhead shows)")
     ap.add_argument("--profile", action="store_true",
                     help="one process: the codec kernel by kernel against a memory copy")
     ap.add_argument("--scale", type=float, default=1.0,
@@ -305,7 +320,7 @@ def main():
             cmd = [mpirun, "-np", str(n), sys.executable, "-m", "mpi4py", __file__,
                    "--rank-main", "--out", str(out), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--scale", str(args.scale),
-                   "--wire", args.wire, "--op", args.op, "--methods", *args.methods]
+                   "--shapes", args.shapes, "--wire", args.wire, "--op", args.op, "--methods", *args.methods]
             subprocess.run(cmd, check=True, env=env, timeout=args.timeout)
             rows = json.loads(out.read_text())
         print_table(rows)
