@@ -56,10 +56,9 @@ import math
 import sys
 import warnings
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-import numba
 import numpy as np
 import torch
 
@@ -73,7 +72,6 @@ from . import settings as S
 from . import wire as W
 
 MAX_MESSAGE_WORDS = 2 ** 31 - 1   # Horovod's MPI path passes element counts as int
-SERIAL_BELOW = 1 << 16   # coordinates: smaller tensors run the kernels on one thread
 CONTRIBUTIONS = ("sign", "sr")
 VOTES = ("sign", "s1")
 R_POLICIES = ("common", "local")
@@ -94,19 +92,16 @@ def shared_key(seed: int, purpose: K.Purpose, step_sum: int, d: int, counts, mix
                    W.counts_hash(counts, mix))
 
 
-@contextmanager
-def _threads_for(d):
-    """One numba thread for small tensors: waking the kernels' thread pool costs more
-    than the work (milliseconds when the cores are busy), and a model has many biases."""
-    if d >= SERIAL_BELOW or numba.get_num_threads() == 1:
-        yield
-        return
-    prev = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(prev)
+@lru_cache(maxsize=4096)
+def _common_r(e: int, n: int, wire: str):
+    """(R, header r_code) of the common bound of exponent e for n ranks on ``wire``."""
+    return RPolicy(W.bound(e, n)).resolve(np.zeros(1))[0], 1 + e - W.exponent_range(n, wire)[0]
+
+
+@lru_cache(maxsize=64)
+def _fixed_r(r: float):
+    """A fixed R as RPolicy resolves it."""
+    return RPolicy(r).resolve(np.zeros(1))[0]
 
 
 def _hvd():
@@ -448,9 +443,7 @@ class MajorityVoteCompressor:
         k = self._k.get(d, 0)
         self._k[d] = k + 1
         key = ("name", name, d) if name is not None else ("index", d, k)
-        with _threads_for(d):
-            packed, nonfinite, r, r_code, exponent = self._bits(x, n, rank, step, d, k, key,
-                                                                wire)
+        packed, nonfinite, r, r_code, exponent = self._bits(x, n, rank, step, d, k, key, wire)
         nonce = rank_key(self.seed, K.Purpose.ZERO_COIN, rank, step, d, k + (1 << 40)) >> (
             64 - W.NONCE_BITS)
         parts = W.split(d, n, wire, self.max_message_words)
@@ -488,11 +481,10 @@ class MajorityVoteCompressor:
             e, bn = self._bounds.get(key, (None, n))
             if e is None or bn != n:
                 return None
-            return (RPolicy(W.bound(e, n)).resolve(np.zeros(1))[0],
-                    1 + e - W.exponent_range(n, wire)[0], "clamped_common")
+            return _common_r(e, n, wire) + ("clamped_common",)
         if self.R == "local":
             return None
-        return RPolicy(self.R).resolve(np.zeros(1))[0], 0, "clamped"
+        return _fixed_r(self.R), 0, "clamped"
 
     def _r_for(self, key, local_max, n, wire):
         """(R as an RPolicy resolves it, r_code for the header, which stats key counts
@@ -596,18 +588,17 @@ class MajorityVoteCompressor:
         if self.rule.variant == "v2" or (self.rule.tie == "coin" and n % 2 == 0):
             key = shared_key(self.seed, self.rule.shared_purpose(), first["step"], d, counts,
                              first.mix)
-        with _threads_for(d):
-            backend = get_backend(self.backend, ctx.device)
-            if backend.name == "numba":   # the vote and its values in one pass
-                result = torch.from_numpy(K.vote_values_from_counts(
-                    counts, n, rule=self.rule, key=key,
-                    out=self._buffer("values", d, np.float32)))
-            else:  # decode on the tensor's device from the packed bits (d / 8 bytes)
-                vote = K.vote_from_counts(counts, n, rule=self.rule, key=key)
-                nz = vote.nonzero
-                result = backend.values(K.Vote(torch.from_numpy(vote.bits).to(ctx.device),
-                                               None if nz is None else
-                                               torch.from_numpy(nz).to(ctx.device)), d)
+        backend = get_backend(self.backend, ctx.device)
+        if backend.name == "numba":   # the vote and its values in one pass
+            result = torch.from_numpy(K.vote_values_from_counts(
+                counts, n, rule=self.rule, key=key,
+                out=self._buffer("values", d, np.float32)))
+        else:  # decode on the tensor's device from the packed bits (d / 8 bytes)
+            vote = K.vote_from_counts(counts, n, rule=self.rule, key=key)
+            nz = vote.nonzero
+            result = backend.values(K.Vote(torch.from_numpy(vote.bits).to(ctx.device),
+                                           None if nz is None else
+                                           torch.from_numpy(nz).to(ctx.device)), d)
         if ctx.dtype != torch.float32:
             result = result.to(ctx.dtype)
         return result.view(ctx.shape).to(ctx.device)

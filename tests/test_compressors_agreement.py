@@ -95,6 +95,38 @@ def test_matched_settings_decode_as_before():
         np.testing.assert_array_equal(c.decompress(total.clone(), ctx).numpy(), want)
 
 
+def test_a_settings_region_that_passed_is_not_decoded_again_and_a_changed_one_raises(
+        monkeypatch):
+    """The summed settings bins that passed are remembered (later tensors skip their
+    decode), but only those exact words under that scale and this rank's settings: a
+    rank that changes a setting later still makes every rank raise, naming it."""
+    from signcomm.kernels import fields as codec
+    decoded = []
+    real = codec.decode_layout
+
+    def counting(words, d, *args, **kw):
+        decoded.append(d)
+        return real(words, d, *args, **kw)
+
+    monkeypatch.setattr(codec, "decode_layout", counting)
+    monkeypatch.setattr(W, "_SETTINGS_PASSED", {})
+    opts = dict(contribute="sr", vote="s1", seed=11)
+    for scaling in (dict(op="average"), dict(op="sum")):
+        comps, sent = _compress([opts] * N, d=40)
+        total = allreduce([w for w, _ in sent], **scaling)
+        for t in range(3):   # three tensors of a step: one settings decode per rank
+            for c, (_, ctx) in zip(comps, sent):
+                c.decompress(total.clone(), ctx)
+            settings_decodes = decoded.count(S.BINS)
+            assert settings_decodes == (1 if t == 0 else 0), (scaling, t, decoded)
+            decoded.clear()
+    comps, sent = _compress([opts, dict(opts, seed=12), opts], d=40)
+    total = allreduce([w for w, _ in sent], op="average")
+    for c, (_, ctx) in zip(comps, sent):
+        with pytest.raises(C.RankMismatchError, match="seed differs across ranks"):
+            c.decompress(total.clone(), ctx)
+
+
 def test_settings_that_change_nothing_are_not_compared():
     """tie under S_1 and R under sign contributions do not change the result."""
     for a, b in ((dict(vote="s1"), dict(vote="s1", tie="zero")),

@@ -675,6 +675,21 @@ def test_bad_input_types_and_shapes():
         K.unpack_signs(np.zeros(2, np.int16), 9)
 
 
+@pytest.mark.parametrize("d", [0, 1, 7, 8, 1000, 3 * (1 << 13) + 5])
+def test_one_r_gives_what_the_segmented_path_gives(d):
+    """One R (no seg_sizes; the fast path) against the general path with an empty second
+    segment: the same bits, clamped count and max |v|, for R as a float, a NumPy scalar
+    and a 0-d array."""
+    v = (np.random.default_rng(d).standard_normal(d) * 3).astype(np.float32)
+    key = rng.key64(3, rng.stream_id(rng.Purpose.STOCHASTIC_SIGN, 0), d)
+    want = K.stochastic_sign_pack(v, [2.5, 1.0], key, seg_sizes=[d, 0], max_abs=True)
+    for r in (2.5, np.float64(2.5), np.array(2.5)):
+        got = K.stochastic_sign_pack(v, r, key, max_abs=True)
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[1] == want[1] and (d < 100 or got[1] > 0)   # (some |v| > R)
+        np.testing.assert_array_equal(got[2], want[2][:1])
+
+
 @pytest.mark.parametrize("r", [0.0, -1.0, float("nan"), float("inf"), -float("inf")])
 def test_bad_r(r):
     v = np.ones(10, np.float32)
@@ -819,3 +834,59 @@ class TestCupyMatchesCpu:
         np.testing.assert_array_equal(cp.asnumpy(w), K.pack_count_fields(g[0], d, bpf))
         np.testing.assert_array_equal(cp.asnumpy(K.unpack_count_fields(w, d, bpf)),
                                       K.unpack_count_fields(cp.asnumpy(w), d, bpf))
+
+
+def test_serial_and_parallel_kernels_agree_and_the_size_picks_one(monkeypatch):
+    """The serial variant of each chunked kernel (small inputs run it: no thread-pool
+    wake-up) gives the parallel one's result bit for bit, over several chunks, segments,
+    clamps, zeros, NaN and every vote mode; ``ops`` picks it below PARALLEL_MIN
+    coordinates or with one numba thread."""
+    from signcomm.kernels import ops
+    gen = np.random.default_rng(7)
+    d = 3 * max(_cpu.SR_CHUNK, _cpu.DECIDE_CHUNK) + 13
+    x = (gen.standard_normal(d) * 2).astype(np.float32)
+    x[::97] = 0.0
+    x[5] = np.nan
+    ut, mask, inf_bits = ops.float_bit_view(x.dtype)
+    outs = []
+    for kernel in (_cpu.sign_pack, _cpu.sign_pack_serial):
+        out = np.empty(K.packed_nbytes(d), np.uint8)
+        outs.append((kernel(x, x.view(ut), mask, inf_bits, out, np.uint64(99), True, 3), out))
+    assert outs[0][0] == outs[1][0] == 1
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    seg_ends = np.array([1000, _cpu.SR_CHUNK + 7, d, np.iinfo(np.int64).max], np.int64)
+    r = np.array([0.5, 3.0, 1.5, 1.0])
+    outs = []
+    for kernel in (_cpu.stochastic_sign_pack, _cpu.stochastic_sign_pack_serial):
+        out = np.empty(K.packed_nbytes(d), np.uint8)
+        seg_max = np.zeros(4, ut)
+        counts = kernel(x, x.view(ut), mask, inf_bits, seg_ends, 0.5 / r, r, out, seg_max,
+                        np.uint64(1234), 17)
+        outs.append((counts, out, seg_max))
+    assert outs[0][0] == outs[1][0] and outs[0][0][1] > 0
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        np.testing.assert_array_equal(a, b)
+    for n in (4, 5):
+        c = gen.integers(0, n + 1, d).astype(np.uint8)
+        for mode in (0, 1, 2):
+            got = []
+            for kernel in (_cpu.decide_from_counts, _cpu.decide_from_counts_serial):
+                bits = np.empty(K.packed_nbytes(d), np.uint8)
+                nz = np.empty(K.packed_nbytes(d) if mode == 1 else 0, np.uint8)
+                kernel(c, n, mode, np.uint64(55), 9, bits, nz)
+                got.append((bits, nz))
+            for stream in (False, True):
+                for kernel in (_cpu.decide_values, _cpu.decide_values_serial):
+                    out = ops.aligned_empty(d)
+                    kernel(c, n, mode, np.uint64(55), 9, out, stream)
+                    got.append((out,))
+            for g in got[1:2]:
+                for a, b in zip(got[0], g):
+                    np.testing.assert_array_equal(a, b)
+            for g in got[3:]:
+                np.testing.assert_array_equal(got[2][0], g[0])
+    assert ops._kernel("par", "ser", ops.PARALLEL_MIN - 1) == "ser"
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    assert ops._kernel("par", "ser", ops.PARALLEL_MIN) == "par"
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
+    assert ops._kernel("par", "ser", ops.PARALLEL_MIN) == "ser"

@@ -164,48 +164,64 @@ def _nplanes(n):
 # sign and S_R, fused with packing
 
 
+@jit
+def _sign_chunk(c, x, xbits, mask, inf_bits, out, zero_key, use_zero_key, offset):
+    """Coordinates c*SIGN_CHUNK .. of ``sign_pack``; returns their non-finite count."""
+    _wide_vectors()
+    d = x.shape[0]
+    i0 = c * SIGN_CHUNK
+    i1 = min(i0 + SIGN_CHUNK, d)
+    m = i1 - i0
+    xs = x[i0:i1]
+    us = xbits[i0:i1]
+    flags = np.empty((m + 7) & ~7, np.uint8)   # (a small tensor: a small buffer)
+    nzero = np.int32(0)
+    mc = mask ^ mask
+    for k in range(m):
+        v = xs[k]
+        flags[k] = v > 0
+        nzero += np.int32(v == 0)
+        ub = us[k] & mask
+        mc = ub if ub > mc else mc
+    for k in range(m, (m + 7) & ~7):   # the last, partial byte: padding bits 0
+        flags[k] = 0
+    fw = flags.view(np.uint64)
+    os = out[i0 >> 3:]
+    for b in range((m + 7) >> 3):
+        os[b] = _pack8(fw[b])
+    if nzero > 0 and use_zero_key:  # rare: a sparse pass over this chunk
+        for k in range(m):
+            if xs[k] == 0:
+                coin = np.uint8(_word(zero_key, offset + i0 + k) >> np.uint64(63))
+                os[k >> 3] |= coin << np.uint8(k & 7)
+    nbad = np.int32(0)
+    if mc >= inf_bits:   # rare: count the NaN/Inf of this chunk
+        for k in range(m):
+            nbad += np.int32(not (abs(xs[k]) < np.inf))
+    return nbad
+
+
 @pjit
 def sign_pack(x, xbits, mask, inf_bits, out, zero_key, use_zero_key, offset):
     """out[b] = bits (x > 0) of x[8b:8b+8]; an exact 0 is a coin of zero_key when
     use_zero_key, else bit 0.  Returns the number of non-finite inputs (fused check: an
     integer max of ``xbits & mask``, x's bit patterns without the sign bit, as in
-    ``stochastic_sign_pack``; only a task whose max reaches ``inf_bits`` counts them)."""
-    d = x.shape[0]
-    nchunks = (d + SIGN_CHUNK - 1) // SIGN_CHUNK
+    ``stochastic_sign_pack``; only a task whose max reaches ``inf_bits`` counts them).
+    Parallel over chunks (``sign_pack_serial``: the same on the calling thread)."""
+    nchunks = (x.shape[0] + SIGN_CHUNK - 1) // SIGN_CHUNK
     bad = np.zeros(nchunks, np.int64)
     for c in numba.prange(nchunks):
-        _wide_vectors()
-        i0 = c * SIGN_CHUNK
-        i1 = min(i0 + SIGN_CHUNK, d)
-        m = i1 - i0
-        xs = x[i0:i1]
-        us = xbits[i0:i1]
-        flags = np.empty((m + 7) & ~7, np.uint8)   # (a small tensor: a small buffer)
-        nzero = np.int32(0)
-        mc = mask ^ mask
-        for k in range(m):
-            v = xs[k]
-            flags[k] = v > 0
-            nzero += np.int32(v == 0)
-            ub = us[k] & mask
-            mc = ub if ub > mc else mc
-        for k in range(m, (m + 7) & ~7):   # the last, partial byte: padding bits 0
-            flags[k] = 0
-        fw = flags.view(np.uint64)
-        os = out[i0 >> 3:]
-        for b in range((m + 7) >> 3):
-            os[b] = _pack8(fw[b])
-        if nzero > 0 and use_zero_key:  # rare: a sparse pass over this chunk
-            for k in range(m):
-                if xs[k] == 0:
-                    coin = np.uint8(_word(zero_key, offset + i0 + k) >> np.uint64(63))
-                    os[k >> 3] |= coin << np.uint8(k & 7)
-        nbad = np.int32(0)
-        if mc >= inf_bits:   # rare: count the NaN/Inf of this chunk
-            for k in range(m):
-                nbad += np.int32(not (abs(xs[k]) < np.inf))
-        bad[c] = nbad
+        bad[c] = _sign_chunk(c, x, xbits, mask, inf_bits, out, zero_key, use_zero_key, offset)
     return bad.sum()
+
+
+@jit
+def sign_pack_serial(x, xbits, mask, inf_bits, out, zero_key, use_zero_key, offset):
+    """``sign_pack`` on the calling thread (small inputs: no thread-pool wake-up)."""
+    nbad = 0
+    for c in range((x.shape[0] + SIGN_CHUNK - 1) // SIGN_CHUNK):
+        nbad += _sign_chunk(c, x, xbits, mask, inf_bits, out, zero_key, use_zero_key, offset)
+    return nbad
 
 
 @jit
@@ -214,6 +230,80 @@ def _value_of(pattern, scratch, v):
     element of the pattern's type, overwritten)."""
     scratch[0] = pattern
     return np.float64(scratch.view(v.dtype)[0])
+
+
+@jit
+def _sr_chunk(c, v, vbits, mask, inf_bits, seg_ends, half_over_r, r, out, piece_max, base):
+    """Coordinates c*SR_CHUNK .. of ``stochastic_sign_pack``: their bits, the max pattern
+    of each segment piece (piece_max[c + s]); returns (non-finite, clamped) counts."""
+    _wide_vectors()
+    d = v.shape[0]
+    i0 = c * SR_CHUNK
+    i1 = min(i0 + SR_CHUNK, d)
+    flags = np.empty(SR_CHUNK, np.uint8)
+    scratch = np.empty(1, vbits.dtype)   # for _value_of
+    for k in range((i1 - i0) & ~7, (i1 - i0 + 7) & ~7):   # padding bits of the last byte
+        flags[k] = 0
+    s = np.searchsorted(seg_ends, i0, side="right")
+    nbad = np.int32(0)
+    nclamp = np.int32(0)
+    mc = mask ^ mask   # the max over this task's pieces
+    a = i0
+    while a < i1:
+        e = min(i1, seg_ends[s])
+        rs = r[s]
+        hs = half_over_r[s]
+        vs = v[a:e]
+        us = vbits[a:e]
+        fs = flags[a - i0:e - i0]
+        base_a = np.uint64(a) * GOLDEN + base
+        m = mask ^ mask   # 0 of the mask's type
+        for k in range(e - a):
+            x = np.float64(vs[k])
+            ub = us[k] & mask
+            m = ub if ub > m else m
+            z = np.uint64(k) * GOLDEN + base_a
+            z = (z ^ (z >> np.uint64(30))) * MIX1
+            z = (z ^ (z >> np.uint64(27))) * MIX2
+            z = z ^ (z >> np.uint64(31))
+            if HAVE_U64_TO_F64:
+                u = np.float64(z >> np.uint64(11)) * TWO_M53
+            else:
+                hi = np.float64(np.int32(z >> np.uint64(42)))
+                lo = np.float64(np.int32((z >> np.uint64(11)) & LO31))
+                u = (hi * TWO_31 + lo) * TWO_M53
+            fs[k] = u < 0.5 + x * hs
+        piece_max[c + s] = m
+        if not _value_of(m, scratch, vs) <= rs:   # some |v| > R, or a NaN: count the
+            for k in range(e - a):           # clamped ones (rare: R is the bound)
+                nclamp += np.int32(abs(np.float64(vs[k])) > rs)
+        mc = m if m > mc else mc
+        a = e
+        s += 1
+    if mc >= inf_bits:   # a NaN or Inf in this task's piece: count them (rare)
+        vs = v[i0:i1]
+        for k in range(i1 - i0):
+            nbad += np.int32(not (abs(np.float64(vs[k])) < np.inf))
+    fw = flags.view(np.uint64)
+    os = out[i0 >> 3:]
+    for b in range(min(SR_CHUNK >> 3, os.shape[0])):
+        os[b] = _pack8(fw[b])
+    return nbad, nclamp
+
+
+@jit
+def _sr_segment_max(d, seg_ends, piece_max, seg_max):
+    """seg_max[s] = the max of segment s's pieces (the same walk as ``_sr_chunk``)."""
+    for c in range((d + SR_CHUNK - 1) // SR_CHUNK):
+        i0 = c * SR_CHUNK
+        i1 = min(i0 + SR_CHUNK, d)
+        s = np.searchsorted(seg_ends, i0, side="right")
+        a = i0
+        while a < i1:
+            m = piece_max[c + s]
+            seg_max[s] = m if m > seg_max[s] else seg_max[s]
+            a = min(i1, seg_ends[s])
+            s += 1
 
 
 @pjit
@@ -235,7 +325,9 @@ def stochastic_sign_pack(v, vbits, mask, inf_bits, seg_ends, half_over_r, r, out
 
     The 53-bit integer z >> 11 becomes a float64 exactly, in one conversion where the
     host has AVX-512DQ (vector uint64 -> float64), else in two exact int32 halves
-    (22 + 31 bits: AVX2 has no vector int64 -> float conversion); same value."""
+    (22 + 31 bits: AVX2 has no vector int64 -> float conversion); same value.
+    Parallel over chunks (``stochastic_sign_pack_serial``: the same on the calling
+    thread)."""
     d = v.shape[0]
     nchunks = (d + SR_CHUNK - 1) // SR_CHUNK
     bad = np.zeros(nchunks, np.int64)
@@ -243,70 +335,30 @@ def stochastic_sign_pack(v, vbits, mask, inf_bits, seg_ends, half_over_r, r, out
     piece_max = np.zeros(nchunks + seg_ends.shape[0], vbits.dtype)  # (chunk c, segment s) -> c + s
     base = np.uint64(offset) * GOLDEN + GOLDEN + key  # word of i: mix(i * GOLDEN + base)
     for c in numba.prange(nchunks):
-        _wide_vectors()
-        i0 = c * SR_CHUNK
-        i1 = min(i0 + SR_CHUNK, d)
-        flags = np.empty(SR_CHUNK, np.uint8)
-        scratch = np.empty(1, vbits.dtype)   # for _value_of
-        for k in range((i1 - i0) & ~7, (i1 - i0 + 7) & ~7):   # padding bits of the last byte
-            flags[k] = 0
-        s = np.searchsorted(seg_ends, i0, side="right")
-        nbad = np.int32(0)
-        nclamp = np.int32(0)
-        mc = mask ^ mask   # the max over this task's pieces
-        a = i0
-        while a < i1:
-            e = min(i1, seg_ends[s])
-            rs = r[s]
-            hs = half_over_r[s]
-            vs = v[a:e]
-            us = vbits[a:e]
-            fs = flags[a - i0:e - i0]
-            base_a = np.uint64(a) * GOLDEN + base
-            m = mask ^ mask   # 0 of the mask's type
-            for k in range(e - a):
-                x = np.float64(vs[k])
-                ub = us[k] & mask
-                m = ub if ub > m else m
-                z = np.uint64(k) * GOLDEN + base_a
-                z = (z ^ (z >> np.uint64(30))) * MIX1
-                z = (z ^ (z >> np.uint64(27))) * MIX2
-                z = z ^ (z >> np.uint64(31))
-                if HAVE_U64_TO_F64:
-                    u = np.float64(z >> np.uint64(11)) * TWO_M53
-                else:
-                    hi = np.float64(np.int32(z >> np.uint64(42)))
-                    lo = np.float64(np.int32((z >> np.uint64(11)) & LO31))
-                    u = (hi * TWO_31 + lo) * TWO_M53
-                fs[k] = u < 0.5 + x * hs
-            piece_max[c + s] = m
-            if not _value_of(m, scratch, vs) <= rs:   # some |v| > R, or a NaN: count the
-                for k in range(e - a):           # clamped ones (rare: R is the bound)
-                    nclamp += np.int32(abs(np.float64(vs[k])) > rs)
-            mc = m if m > mc else mc
-            a = e
-            s += 1
-        if mc >= inf_bits:   # a NaN or Inf in this task's piece: count them (rare)
-            vs = v[i0:i1]
-            for k in range(i1 - i0):
-                nbad += np.int32(not (abs(np.float64(vs[k])) < np.inf))
-        fw = flags.view(np.uint64)
-        os = out[i0 >> 3:]
-        for b in range(min(SR_CHUNK >> 3, os.shape[0])):
-            os[b] = _pack8(fw[b])
-        bad[c] = nbad
-        clamped[c] = nclamp
-    for c in range(nchunks):   # the same walk over the pieces, sequential
-        i0 = c * SR_CHUNK
-        i1 = min(i0 + SR_CHUNK, d)
-        s = np.searchsorted(seg_ends, i0, side="right")
-        a = i0
-        while a < i1:
-            m = piece_max[c + s]
-            seg_max[s] = m if m > seg_max[s] else seg_max[s]
-            a = min(i1, seg_ends[s])
-            s += 1
+        bad[c], clamped[c] = _sr_chunk(c, v, vbits, mask, inf_bits, seg_ends, half_over_r, r,
+                                       out, piece_max, base)
+    _sr_segment_max(d, seg_ends, piece_max, seg_max)
     return bad.sum(), clamped.sum()
+
+
+@jit
+def stochastic_sign_pack_serial(v, vbits, mask, inf_bits, seg_ends, half_over_r, r, out,
+                                seg_max, key, offset):
+    """``stochastic_sign_pack`` on the calling thread (small inputs: no thread-pool
+    wake-up)."""
+    d = v.shape[0]
+    nchunks = (d + SR_CHUNK - 1) // SR_CHUNK
+    piece_max = np.zeros(nchunks + seg_ends.shape[0], vbits.dtype)
+    base = np.uint64(offset) * GOLDEN + GOLDEN + key
+    nbad = 0
+    nclamp = 0
+    for c in range(nchunks):
+        b, k = _sr_chunk(c, v, vbits, mask, inf_bits, seg_ends, half_over_r, r, out,
+                         piece_max, base)
+        nbad += b
+        nclamp += k
+    _sr_segment_max(d, seg_ends, piece_max, seg_max)
+    return nbad, nclamp
 
 
 # ---------------------------------------------------------------------------------------
@@ -706,20 +758,82 @@ def _decide_chunk(cs, m, n, mode, key, pos0, os, zs, flags, gt, tie):
 def decide_from_counts(c, n, mode, key, offset, out, nonzero):
     """Packed vote from counts c (length d).  mode 0: v1 with tie coin, 1: v1 with tie
     zero (nonzero gets the mask), 2: v2, S_1 (eq. 11): bit 1 with probability c / n,
-    decided exactly in integers as (u32 * n) < (c << 32), u32 the top 32 random bits."""
+    decided exactly in integers as (u32 * n) < (c << 32), u32 the top 32 random bits.
+    Parallel over chunks."""
+    for ch in numba.prange((c.shape[0] + DECIDE_CHUNK - 1) // DECIDE_CHUNK):
+        _decide_counts_chunk(ch, c, n, mode, key, offset, out, nonzero)
+    return 0
+
+
+@jit
+def decide_from_counts_serial(c, n, mode, key, offset, out, nonzero):
+    """``decide_from_counts`` on the calling thread (small inputs: no thread-pool
+    wake-up)."""
+    for ch in range((c.shape[0] + DECIDE_CHUNK - 1) // DECIDE_CHUNK):
+        _decide_counts_chunk(ch, c, n, mode, key, offset, out, nonzero)
+    return 0
+
+
+@jit
+def _decide_counts_chunk(ch, c, n, mode, key, offset, out, nonzero):
+    """Counts ch*DECIDE_CHUNK .. of ``decide_from_counts``."""
+    i0 = ch * DECIDE_CHUNK
+    m = min(DECIDE_CHUNK, c.shape[0] - i0)
+    nb = (m + 7) >> 3
+    flags = np.empty(DECIDE_CHUNK, np.uint8)
+    gt = np.empty(DECIDE_CHUNK >> 3, np.uint8)
+    tie = np.empty(DECIDE_CHUNK >> 3, np.uint8)
+    zs = nonzero[i0 >> 3:(i0 >> 3) + nb] if mode == 1 else nonzero
+    _decide_chunk(c[i0:i0 + m], m, n, mode, key, offset + i0, out[i0 >> 3:(i0 >> 3) + nb],
+                  zs, flags, gt, tie)
+
+
+@jit
+def _decide_values_chunk(ch, c, n, mode, key, offset, out, stream):
+    """Counts ch*DECIDE_CHUNK .. of ``decide_values``."""
     d = c.shape[0]
-    nchunks = (d + DECIDE_CHUNK - 1) // DECIDE_CHUNK
-    for ch in numba.prange(nchunks):
-        i0 = ch * DECIDE_CHUNK
-        m = min(DECIDE_CHUNK, d - i0)
-        nb = (m + 7) >> 3
-        flags = np.empty(DECIDE_CHUNK, np.uint8)
+    has_nonzero = mode == 1 and n % 2 == 0
+    i0 = ch * DECIDE_CHUNK
+    m = min(DECIDE_CHUNK, d - i0)
+    os = out[i0:i0 + m]
+    if mode == 2 and n < (1 << 31):   # S_1 straight to values
+        if not stream:
+            _s1_values(c[i0:i0 + m], m, np.uint32(n), key, offset + i0, os)
+            return
+        vbuf = np.empty(S1_SUB, np.float32)
+        for s0 in range(0, m, S1_SUB):
+            k = min(S1_SUB, m - s0)
+            _s1_values(c[i0 + s0:i0 + s0 + k], k, np.uint32(n), key, offset + i0 + s0,
+                       vbuf)
+            for b in range(k >> 3):   # s0 is a multiple of S1_SUB: aligned
+                _stream8(os, s0 + 8 * b, vbuf, 8 * b)
+            for i in range(k & ~7, k):
+                os[s0 + i] = vbuf[i]
+        _store_fence()
+        return
+    flags = np.empty(DECIDE_CHUNK, np.uint8)
+    bits = np.empty(DECIDE_CHUNK >> 3, np.uint8)
+    if mode == 2:
+        _s1_flags_big_n(c[i0:i0 + m], m, n, key, offset + i0, flags)
+        if not stream:
+            for k in range(m):
+                os[k] = np.float32(2 * np.int32(flags[k]) - 1)
+            return
+        _pack_flags(flags, m, bits, 0)
+    else:
         gt = np.empty(DECIDE_CHUNK >> 3, np.uint8)
         tie = np.empty(DECIDE_CHUNK >> 3, np.uint8)
-        zs = nonzero[i0 >> 3:(i0 >> 3) + nb] if mode == 1 else nonzero
-        _decide_chunk(c[i0:i0 + m], m, n, mode, key, offset + i0, out[i0 >> 3:(i0 >> 3) + nb],
-                      zs, flags, gt, tie)
-    return 0
+        nz = np.empty(DECIDE_CHUNK >> 3, np.uint8)
+        _decide_chunk(c[i0:i0 + m], m, n, mode, key, offset + i0, bits, nz, flags, gt,
+                      tie)
+        if not stream or has_nonzero:
+            _values(bits, nz, has_nonzero, m, os)
+            return
+    for b in range(m >> 3):   # chunks start at multiples of 64 values: aligned
+        _stream8(os, 8 * b, VALUES_FLAT, 8 * np.int64(bits[b]))
+    for i in range(m & ~7, m):
+        os[i] = VALUES[bits[i >> 3], i & 7]
+    _store_fence()
 
 
 @pjit
@@ -733,52 +847,18 @@ def decide_values(c, n, mode, key, offset, out, stream):
     first reads the line it writes: half the memory traffic of this pass).  S_1 (mode
     2, n < 2**31) writes its values straight from the draw: into ``out``, or into an
     L1 buffer of S1_SUB values that is then streamed out (0.81 -> 0.68 ns per value
-    against flags, packing and ``VALUES`` rows)."""
-    d = c.shape[0]
-    nchunks = (d + DECIDE_CHUNK - 1) // DECIDE_CHUNK
-    has_nonzero = mode == 1 and n % 2 == 0
-    for ch in numba.prange(nchunks):
-        i0 = ch * DECIDE_CHUNK
-        m = min(DECIDE_CHUNK, d - i0)
-        os = out[i0:i0 + m]
-        if mode == 2 and n < (1 << 31):   # S_1 straight to values
-            if not stream:
-                _s1_values(c[i0:i0 + m], m, np.uint32(n), key, offset + i0, os)
-                continue
-            vbuf = np.empty(S1_SUB, np.float32)
-            for s0 in range(0, m, S1_SUB):
-                k = min(S1_SUB, m - s0)
-                _s1_values(c[i0 + s0:i0 + s0 + k], k, np.uint32(n), key, offset + i0 + s0,
-                           vbuf)
-                for b in range(k >> 3):   # s0 is a multiple of S1_SUB: aligned
-                    _stream8(os, s0 + 8 * b, vbuf, 8 * b)
-                for i in range(k & ~7, k):
-                    os[s0 + i] = vbuf[i]
-            _store_fence()
-            continue
-        flags = np.empty(DECIDE_CHUNK, np.uint8)
-        bits = np.empty(DECIDE_CHUNK >> 3, np.uint8)
-        if mode == 2:
-            _s1_flags_big_n(c[i0:i0 + m], m, n, key, offset + i0, flags)
-            if not stream:
-                for k in range(m):
-                    os[k] = np.float32(2 * np.int32(flags[k]) - 1)
-                continue
-            _pack_flags(flags, m, bits, 0)
-        else:
-            gt = np.empty(DECIDE_CHUNK >> 3, np.uint8)
-            tie = np.empty(DECIDE_CHUNK >> 3, np.uint8)
-            nz = np.empty(DECIDE_CHUNK >> 3, np.uint8)
-            _decide_chunk(c[i0:i0 + m], m, n, mode, key, offset + i0, bits, nz, flags, gt,
-                          tie)
-            if not stream or has_nonzero:
-                _values(bits, nz, has_nonzero, m, os)
-                continue
-        for b in range(m >> 3):   # chunks start at multiples of 64 values: aligned
-            _stream8(os, 8 * b, VALUES_FLAT, 8 * np.int64(bits[b]))
-        for i in range(m & ~7, m):
-            os[i] = VALUES[bits[i >> 3], i & 7]
-        _store_fence()
+    against flags, packing and ``VALUES`` rows).  Parallel over chunks
+    (``decide_values_serial``: the same on the calling thread)."""
+    for ch in numba.prange((c.shape[0] + DECIDE_CHUNK - 1) // DECIDE_CHUNK):
+        _decide_values_chunk(ch, c, n, mode, key, offset, out, stream)
+    return 0
+
+
+@jit
+def decide_values_serial(c, n, mode, key, offset, out, stream):
+    """``decide_values`` on the calling thread (small inputs: no thread-pool wake-up)."""
+    for ch in range((c.shape[0] + DECIDE_CHUNK - 1) // DECIDE_CHUNK):
+        _decide_values_chunk(ch, c, n, mode, key, offset, out, stream)
     return 0
 
 

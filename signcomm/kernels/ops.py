@@ -2,16 +2,30 @@
 array version (CuPy input).  No MPI, no torch here."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
+import numba
 import numpy as np
 
 from . import _cpu, fields, reference
 from .bits import BITORDER, check_packed, clear_padding, packed_nbytes
 from .rules import TIE_RULES, VARIANTS, VoteRule  # noqa: F401  (re-exported)
 from .xp import array_module, is_cupy
+
+
+_SENTINEL = np.iinfo(np.int64).max   # the last segment end of the S_R kernel (past any d)
+PARALLEL_MIN = 1 << 16   # coordinates: smaller inputs (or one numba thread) run the serial
+                         # kernels, no thread-pool wake-up (tens of us; milliseconds on busy
+                         # cores, where a model's many small tensors pay it each)
+
+
+def _kernel(parallel, serial, d: int):
+    """``parallel`` for d >= PARALLEL_MIN coordinates when numba has threads, else
+    ``serial`` (the same kernel on the calling thread)."""
+    return parallel if d >= PARALLEL_MIN and numba.get_num_threads() > 1 else serial
 
 
 class NonFiniteError(ValueError):
@@ -79,14 +93,21 @@ def pack_signs(x, *, zero_key: Optional[int] = None, offset: int = 0,
         packed = np.empty(packed_nbytes(x.shape[0]), np.uint8)
         xc = _cpu_float(x)
         ut, mask, inf_bits = float_bit_view(xc.dtype)
-        nbad = _cpu.sign_pack(xc, xc.view(ut), mask, inf_bits, packed,
-                              np.uint64(zero_key or 0), zero_key is not None, offset)
+        kernel = _kernel(_cpu.sign_pack, _cpu.sign_pack_serial, xc.shape[0])
+        nbad = kernel(xc, xc.view(ut), mask, inf_bits, packed, np.uint64(zero_key or 0),
+                      zero_key is not None, offset)
     if check_finite:
         _raise_nonfinite(nbad, "x")
     return packed
 
 
 def _segments(d, r, seg_sizes, xp):
+    """(R per segment on the host, segment sizes), validated."""
+    if seg_sizes is None and np.ndim(r) == 0 and not is_cupy(r):   # one R (the common
+        rv = float(r)                                              # case): no array checks
+        if not (math.isfinite(rv) and rv > 0):
+            raise ValueError(f"R must be positive and finite; segment 0 has R={rv!r}")
+        return np.array([rv]), np.array([d], dtype=np.int64)
     r = np.atleast_1d(np.asarray(r, dtype=np.float64)) if not is_cupy(r) else r.astype(xp.float64)
     if seg_sizes is None:
         if r.shape[0] != 1:
@@ -128,20 +149,25 @@ def stochastic_sign_pack(v, r, key: int, *, seg_sizes=None, offset: int = 0,
             v, seg_sizes, r_host, key, offset, with_max=True)
     else:
         packed = np.empty(packed_nbytes(d), np.uint8)
-        nonempty = seg_sizes > 0
-        k = int(np.count_nonzero(nonempty))
-        seg_ends = np.empty(k + 1, np.int64)
-        seg_ends[:k] = np.cumsum(seg_sizes)[nonempty]
-        seg_ends[k] = np.iinfo(np.int64).max   # sentinel
-        rr = np.empty(k + 1, np.float64)
-        rr[:k] = r_host[nonempty]
-        rr[k] = 1.0
+        if seg_sizes.shape[0] == 1:   # one segment: no masks (a few us a tensor)
+            nonempty = slice(0, 1 if d else 0)
+            seg_ends = np.array([d, _SENTINEL] if d else [_SENTINEL], np.int64)
+            rr = np.array([r_host[0], 1.0] if d else [1.0], np.float64)
+        else:
+            nonempty = seg_sizes > 0
+            k = int(np.count_nonzero(nonempty))
+            seg_ends = np.empty(k + 1, np.int64)
+            seg_ends[:k] = np.cumsum(seg_sizes)[nonempty]
+            seg_ends[k] = _SENTINEL
+            rr = np.empty(k + 1, np.float64)
+            rr[:k] = r_host[nonempty]
+            rr[k] = 1.0
         vc = _cpu_float(v)
         ut, mask, inf_bits = float_bit_view(vc.dtype)
         found = np.zeros(seg_ends.shape[0], ut)
-        nbad, clamped = _cpu.stochastic_sign_pack(
-            vc, vc.view(ut), mask, inf_bits, seg_ends, 0.5 / rr, rr, packed, found,
-            np.uint64(key), offset)
+        kernel = _kernel(_cpu.stochastic_sign_pack, _cpu.stochastic_sign_pack_serial, d)
+        nbad, clamped = kernel(vc, vc.view(ut), mask, inf_bits, seg_ends, 0.5 / rr, rr, packed,
+                               found, np.uint64(key), offset)
         seg_max = np.zeros(seg_sizes.shape[0], np.float64)
         seg_max[nonempty] = found[:-1].view(vc.dtype)   # a NaN pattern stays NaN
     if check_finite:
@@ -252,8 +278,8 @@ def vote_from_counts(counts, n: int, *, variant: str = "v1", tie: str = "coin",
         d = counts.shape[0]
         bits = np.empty(packed_nbytes(d), np.uint8)
         nonzero = np.empty(packed_nbytes(d) if mode == 1 else 0, np.uint8)
-        _cpu.decide_from_counts(np.ascontiguousarray(counts), n, mode, np.uint64(key or 0),
-                                offset, bits, nonzero)
+        kernel = _kernel(_cpu.decide_from_counts, _cpu.decide_from_counts_serial, d)
+        kernel(np.ascontiguousarray(counts), n, mode, np.uint64(key or 0), offset, bits, nonzero)
         nonzero = clear_padding(nonzero, d) if mode == 1 else None
     if nonzero is not None and n % 2:
         nonzero = None  # odd n never ties
@@ -279,8 +305,8 @@ def vote_values_from_counts(counts, n: int, *, rule: VoteRule, key: Optional[int
     elif out.shape != (d,) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 of length {d}")
     stream = d >= _cpu.STREAM_MIN and out.ctypes.data % 32 == 0
-    _cpu.decide_values(np.ascontiguousarray(counts), n, mode, np.uint64(key or 0), offset, out,
-                       stream)
+    kernel = _kernel(_cpu.decide_values, _cpu.decide_values_serial, d)
+    kernel(np.ascontiguousarray(counts), n, mode, np.uint64(key or 0), offset, out, stream)
     return out
 
 

@@ -16,6 +16,7 @@ rank ``r`` owns stream ``(purpose << 32) | r`` and the stream that all ranks sha
 from __future__ import annotations
 
 from enum import IntEnum
+from functools import lru_cache
 
 import numpy as np
 
@@ -52,8 +53,11 @@ def stream_id(purpose: Purpose, rank: int | None = None) -> int:
     return (int(purpose) << 32) | (SHARED_RANK if rank is None else int(rank))
 
 
+@lru_cache(maxsize=4096)
 def key64(seed: int, stream: int, step: int) -> int:
-    """One 64-bit key from (seed, stream, step); distinct inputs give unrelated keys."""
+    """One 64-bit key from (seed, stream, step); distinct inputs give unrelated keys.
+    Cached: the compressors derive every tensor's keys from the same (seed, stream,
+    step) keys, three SplitMix64 rounds in Python each."""
     k = splitmix64(int(seed) & MASK64)
     k = splitmix64(k ^ (int(stream) & MASK64))
     return splitmix64(k ^ (int(step) & MASK64))

@@ -10,10 +10,16 @@ def warmup() -> None:
     from .rng import Purpose, key64, stream_id
 
     key = key64(0, stream_id(Purpose.TIE_COIN), 0)
-    for dtype in (np.float32, np.float64):
-        x = np.linspace(-1, 1, 77).astype(dtype)
-        ops.pack_signs(x, zero_key=key)
-        ops.stochastic_sign_pack(x, 1.0, key)
+    for d in (77, ops.PARALLEL_MIN):   # the serial and the parallel variants
+        for dtype in (np.float32, np.float64):
+            x = np.linspace(-1, 1, d).astype(dtype)
+            ops.pack_signs(x, zero_key=key)
+            ops.stochastic_sign_pack(x, 1.0, key)
+        for n in (2, 3):
+            c = np.zeros(d, np.uint8)
+            for variant, tie in (("v1", "coin"), ("v1", "zero"), ("v2", "coin")):
+                ops.vote_from_counts(c, n, variant=variant, tie=tie, key=key)
+                ops.vote_values_from_counts(c, n, rule=ops.VoteRule(variant, tie), key=key)
     gathered = np.zeros((3, 10), np.uint8)
     for tie in ("coin", "zero"):
         ops.majority_vote(gathered, 77, tie=tie, key=key)
