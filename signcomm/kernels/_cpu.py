@@ -617,6 +617,12 @@ def _s1_up(c, n32, base, k):
 
 
 @jit
+def _s1_fits_u32(n):
+    """True when ``_s1_up``'s 32 x 32 -> 64 bit draw is exact for n ranks (n < 2**31)."""
+    return n < (1 << 31)
+
+
+@jit
 def _s1_flags(cs, m, n32, key, pos0, flags):
     """flags[k] = ``_s1_up`` for the counts cs[0:m] at positions pos0 + k."""
     base = np.uint64(pos0) * GOLDEN + GOLDEN + key
@@ -645,7 +651,7 @@ def _s1_flags_big_n(cs, m, n, key, pos0, flags):
 @jit
 def _s1_flags_n(cs, m, n, key, pos0, flags):
     """_s1_flags, or _s1_flags_big_n for n >= 2**31."""
-    if n < (1 << 31):
+    if _s1_fits_u32(n):
         _s1_flags(cs, m, np.uint32(n), key, pos0, flags)
     else:
         _s1_flags_big_n(cs, m, n, key, pos0, flags)
@@ -796,7 +802,7 @@ def _decide_values_chunk(ch, c, n, mode, key, offset, out, stream):
     i0 = ch * DECIDE_CHUNK
     m = min(DECIDE_CHUNK, d - i0)
     os = out[i0:i0 + m]
-    if mode == 2 and n < (1 << 31):   # S_1 straight to values
+    if mode == 2 and _s1_fits_u32(n):   # S_1 straight to values
         if not stream:
             _s1_values(c[i0:i0 + m], m, np.uint32(n), key, offset + i0, os)
             return
