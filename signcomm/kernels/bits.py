@@ -22,9 +22,13 @@ def packed_nbytes(d: int) -> int:
     return (d + 7) // 8
 
 
+_UINT8 = np.dtype(np.uint8)
+
+
 def check_packed(packed, d: int, name: str = "packed") -> None:
     """Raise a clear error when ``packed`` cannot hold ``d`` coordinates."""
-    if str(packed.dtype) not in ("uint8", "torch.uint8"):  # NumPy, CuPy or torch
+    if packed.dtype is not _UINT8 and str(packed.dtype) not in ("uint8", "torch.uint8"):
+        # (NumPy and CuPy share NumPy's uint8 dtype object; torch's is named "torch.uint8")
         raise TypeError(f"{name} must be uint8, got {packed.dtype}")
     need = packed_nbytes(d)
     if packed.shape[-1] < need:
