@@ -121,6 +121,12 @@ def _flat(tensor):
     return x.reshape(-1).contiguous()
 
 
+def _on(t, device):
+    """``t`` on ``device`` (a CPU tensor stays as it is: ``.to`` costs microseconds even
+    when it has nothing to do, and a model has many tensors)."""
+    return t if device.type == "cpu" else t.to(device)
+
+
 def _zero_bits(d):
     """The packed bits a rank with NaN/Inf sends (all 0: nothing is applied)."""
     return np.zeros(K.packed_nbytes(d), np.uint8)
@@ -472,7 +478,7 @@ class MajorityVoteCompressor:
         st["coordinates"] += d
         st["messages"] += len(msgs)
         st["wire_bytes"] += sum(m.nbytes for m in msgs)
-        return torch.from_numpy(msgs[0]).to(tensor.device), ctx
+        return _on(torch.from_numpy(msgs[0]), tensor.device), ctx
 
     def _known_r(self, key, n, wire):
         """``_r_for``'s answer when it does not depend on this step's max |g| (a fixed R;
@@ -601,7 +607,7 @@ class MajorityVoteCompressor:
                                            torch.from_numpy(nz).to(ctx.device)), d)
         if ctx.dtype != torch.float32:
             result = result.to(ctx.dtype)
-        return result.view(ctx.shape).to(ctx.device)
+        return _on(result.view(ctx.shape), ctx.device)
 
     def _decode(self, outputs, ctx, counts, describe):
         """Decode every summed message of one tensor into ``counts``; the first one's

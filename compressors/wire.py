@@ -153,6 +153,7 @@ def bits_per_coordinate(n: int, wire: str = "float64") -> float:
     return 64.0 / fields_per_word(n, wire)
 
 
+@lru_cache(maxsize=None)
 def exponent_unit(n: int) -> int:
     """q: the common R is a power of 2**(1/q): q = 8 for n <= 7, 4 for n <= 15, 2 for
     n <= 255, 1 beyond (the float64 exponent word holds 2**(b e) with |b e| <= 1000, so
@@ -171,6 +172,7 @@ def exponent_range(n: int, wire: str = "float64"):
     return max(EXP_MIN * q, -(_EXP_SPAN // b)), min(EXP_MAX * q, _EXP_SPAN // b - 1)
 
 
+@lru_cache(maxsize=4096)
 def bound(e: int, n: int) -> float:
     """The common R of exponent e for n ranks: 2**(e / q), exactly the same float on
     every machine (a correctly rounded root times a power of two)."""
