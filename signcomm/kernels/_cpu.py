@@ -68,6 +68,14 @@ HAVE_U64_TO_F64 = _host_has("avx512dq")
 jit = numba.njit(cache=True, nogil=True)
 
 
+def pick_kernel(parallel, serial, size: int, minimum: int):
+    """``parallel`` for an input of at least ``minimum`` units when numba has more than
+    one thread, else ``serial``, the same kernel on the calling thread: waking the thread
+    pool costs more than a small input (tens of microseconds; milliseconds on busy cores,
+    where a model's many small tensors each pay it)."""
+    return parallel if size >= minimum and numba.get_num_threads() > 1 else serial
+
+
 @_intrinsic
 def _stream8(typingctx, dst, di, src, si):
     """dst[di:di+8] = src[si:si+8] (float32) with one non-temporal 32-byte store (it

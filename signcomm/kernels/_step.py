@@ -31,6 +31,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._cpu import pick_kernel
+
 LANE_BITS = np.uint64(0x8040201008040201)
 LANE_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
 LANE_ONES = np.uint64(0x0101010101010101)
@@ -133,10 +135,8 @@ def momentum_pass(v, g, out, w, mode):
     """out <- lerp(v, g, w) (mode 0), g (mode 1) or g * w (mode 2), all flat fp32 of one
     length (``v`` is ignored but for mode 0).  Returns (max |g|, max |out|) as uint32 bit
     patterns: a value >= 0x7F800000 means a NaN/Inf is present."""
-    w = np.float32(w)
-    if out.shape[0] >= PARALLEL_MIN and numba.get_num_threads() > 1:
-        return momentum_parallel(v, g, out, w, mode)
-    return momentum_serial(v, g, out, w, mode)
+    kernel = pick_kernel(momentum_parallel, momentum_serial, out.shape[0], PARALLEL_MIN)
+    return kernel(v, g, out, np.float32(w), mode)
 
 
 @jit
@@ -220,10 +220,8 @@ def apply_signs(x, bits, j0, alpha, *, nonzero=None, decay=None):
     masked coordinates to match torch)."""
     nz = _EMPTY if nonzero is None else nonzero
     c = np.float32(1.0 if decay is None else decay)
-    if x.shape[0] >= PARALLEL_MIN and numba.get_num_threads() > 1:
-        apply_parallel(x, bits, nz, j0, np.float32(alpha), c, decay is not None)
-    else:
-        apply_serial(x, bits, nz, j0, np.float32(alpha), c, decay is not None)
+    kernel = pick_kernel(apply_parallel, apply_serial, x.shape[0], PARALLEL_MIN)
+    kernel(x, bits, nz, j0, np.float32(alpha), c, decay is not None)
 
 
 _EMPTY = np.zeros(0, np.uint8)

@@ -31,10 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numba
 import numpy as np
 
 from . import _fields
+from ._cpu import pick_kernel
 from .bits import check_packed, packed_nbytes
 from .xp import is_cupy
 
@@ -154,10 +154,6 @@ def _group(base: int):
     return g
 
 
-def _parallel(nwords: int) -> bool:
-    return nwords >= PARALLEL_WORDS and numba.get_num_threads() > 1
-
-
 def encode_layout(packed, d: int, lay: Layout, *, header: int = 0, out=None):
     """Packed bits of d coordinates -> ``header`` free words then the field words of
     layout ``lay`` (int64 or float64), in ``out`` if given (that length and dtype).
@@ -170,7 +166,8 @@ def encode_layout(packed, d: int, lay: Layout, *, header: int = 0, out=None):
     elif out.shape != (header + nwords,) or out.dtype != dtype:
         raise ValueError(f"out must be {np.dtype(dtype)} of length {header + nwords}")
     table, powers = _tables(lay)
-    kernel = _fields.encode_words if _parallel(nwords) else _fields.encode_words_serial
+    kernel = pick_kernel(_fields.encode_words, _fields.encode_words_serial, nwords,
+                         PARALLEL_WORDS)
     pop = int(kernel(packed, int(d), lay.f, table, powers, out[header:])) if d else 0
     return out, pop
 
@@ -189,20 +186,22 @@ def decode_layout(words, d: int, lay: Layout, n: int, counts_out, *, inv_scale: 
     limit = float(lay.limit)
     vmax = min(lay.limit - 1, 2 ** 63 - 1)
     d = int(d)
-    par = _parallel(words.shape[0])
+    nwords = words.shape[0]
     if mix_base is not None and counts_out.dtype != np.uint8:
         raise ValueError("mix_base needs uint8 counts")
     mix = None
     if lay.radix:
         k, table = _group(lay.base)
         out = counts_out if counts_out.dtype == np.uint8 else np.empty(d, np.uint8)
-        kernel = _fields.decode_radix8 if par else _fields.decode_radix8_serial
+        kernel = pick_kernel(_fields.decode_radix8, _fields.decode_radix8_serial, nwords,
+                             PARALLEL_WORDS)
         dev, bad, tot, mix = kernel(words, float(inv_scale), is_float, limit, vmax, d,
                                     lay.base, lay.f, k, table, out, int(mix_base or 0))
         if out is not counts_out:
             counts_out[:] = out
     elif counts_out.dtype == np.uint8 and lay.b <= 7 and _fields.HAVE_PDEP:
-        kernel = _fields.decode_binary8 if par else _fields.decode_binary8_serial
+        kernel = pick_kernel(_fields.decode_binary8, _fields.decode_binary8_serial, nwords,
+                             PARALLEL_WORDS)
         dev, bad = kernel(words, float(inv_scale), is_float, limit, vmax, d, lay.b, lay.f,
                           int(n), counts_out)
         tot = _fields.byte_total(counts_out)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-import numba
 import numpy as np
 
 from . import _cpu, fields, reference
@@ -18,14 +17,12 @@ from .xp import array_module, is_cupy
 
 _SENTINEL = np.iinfo(np.int64).max   # the last segment end of the S_R kernel (past any d)
 PARALLEL_MIN = 1 << 16   # coordinates: smaller inputs (or one numba thread) run the serial
-                         # kernels, no thread-pool wake-up (tens of us; milliseconds on busy
-                         # cores, where a model's many small tensors pay it each)
+                         # kernels (``_cpu.pick_kernel``)
 
 
 def _kernel(parallel, serial, d: int):
-    """``parallel`` for d >= PARALLEL_MIN coordinates when numba has threads, else
-    ``serial`` (the same kernel on the calling thread)."""
-    return parallel if d >= PARALLEL_MIN and numba.get_num_threads() > 1 else serial
+    """``_cpu.pick_kernel`` for an input of d coordinates."""
+    return _cpu.pick_kernel(parallel, serial, d, PARALLEL_MIN)
 
 
 class NonFiniteError(ValueError):
