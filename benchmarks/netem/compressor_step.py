@@ -7,7 +7,7 @@ bandwidth-limited cluster (docs/netem.md), all methods of one n in one job.
 
 One cluster of max(n) namespaces; for each n one MPI job (Horovod in MPI mode over the
 shaped links) runs, in turns (repetition i runs every method once, the first method
-rotating), for each method in ``--methods`` (none, fp16, sign, sr, s1):
+rotating), for each method in ``--methods`` (none, fp16, sign, sr, s1, and ``floor``):
 
 - ``opt``: a DistributedOptimizer step over the 16 ResNet-50-shaped tensors of
   benchmarks/compressor_bench.py (25,640,960 fp32 parameters): every gradient is
@@ -17,14 +17,20 @@ rotating), for each method in ``--methods`` (none, fp16, sign, sr, s1):
 - ``fn``: ``hvd.allreduce(x, compression=...)`` of one flat 25.6M tensor (the
   measurement of the issue's netem figures).
 
+``floor`` is a diagnostic, not a compressor: it hands Horovod a cached wire tensor of
+exactly s1's message size (zeros) and returns a cached +-1 gradient, with no codec work at
+all. Its step is what any compressor with that message would take on this machine with
+a free codec: the bound below which no codec work can bring ``sign`` or ``s1``.
+
 Each record: median over the timed repetitions of the slowest rank's seconds, the codec
-seconds (inside compress + decompress, slowest rank), the bytes one rank handed to the
-allreduce, the bytes that crossed each rank's link during the job (tc counters), the CPU
-seconds of a step summed over the ranks (each rank's median; its whole process, and its
-main thread alone), and the load average.  Records go to ``--out`` (JSON); a table is
-printed, where ``CPU ms/core`` is that CPU divided by the machine's cores (close to
-``ms``: the step kept every core busy) and ``main %`` the main threads' share of it (the
-rest: Horovod's background thread and MPI's progress, polling included).
+seconds (wall time inside compress + decompress on rank 0), the bytes one rank handed to
+the allreduce, the bytes that crossed each rank's link during the job (tc counters), the
+CPU seconds of a step summed over the ranks (each rank's median; its whole process, its
+main thread alone, and that thread's CPU inside compress + decompress), and the load
+average.  Records go to ``--out`` (JSON); a table is printed, where ``CPU ms/core`` is
+that CPU divided by the machine's cores (close to ``ms``: the step kept every core busy),
+``main %`` the main threads' share of it (the rest: Horovod's background thread and MPI's
+progress, polling included) and ``codec %`` the codec's share.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ sys.path.insert(0, str(HERE.parent))  # benchmarks/
 
 ROOT = HERE.parent.parent
 SHAPES = [(1000, 2048)] + [(512, 512, 3, 3)] * 6 + [(2048, 512, 1, 1)] * 9
-METHODS = ("none", "fp16", "sign", "sr", "s1")
+METHODS = ("none", "fp16", "sign", "sr", "s1", "floor")
 
 
 def rank_main(a):
@@ -64,7 +70,27 @@ def rank_main(a):
     d = sum(p.numel() for p in params)
     flat = torch.randn(d, generator=gen)
 
+    class Floor:
+        """No codec work: s1's message size, cached tensors (see the module doc)."""
+        wire, out = {}, {}
+
+        @classmethod
+        def compress(cls, tensor):
+            m = compressors.message_words(tensor.numel(), n, "float64-radix")
+            if m not in cls.wire:
+                cls.wire[m] = torch.zeros(m, dtype=torch.float64)
+            key = tuple(tensor.shape)
+            if key not in cls.out:
+                cls.out[key] = torch.ones(key, dtype=tensor.dtype)
+            return cls.wire[m], key
+
+        @classmethod
+        def decompress(cls, tensor, ctx):
+            return cls.out[ctx]
+
     def make(method):
+        if method == "floor":
+            return Floor
         if method == "none":
             return hvd.Compression.none
         if method == "fp16":
@@ -81,10 +107,11 @@ def rank_main(a):
         for what in a.what:
             comp = make(method)
             clock = Stopwatch()
-            timed = comp if method in ("none", "fp16") else type("Timed", (), dict(
+            timed = comp if method in ("none", "fp16", "floor") else type("Timed", (), dict(
                 compress=staticmethod(clock.wrap(comp.compress)),
                 decompress=staticmethod(clock.wrap(comp.decompress))))
-            run = dict(method=method, what=what, comp=comp, clock=clock, codec=[], cpu=[])
+            run = dict(method=method, what=what, comp=comp, clock=clock, codec=[],
+                       codec_cpu=[], cpu=[])
             if what == "opt":
                 opt = hvd.DistributedOptimizer(
                     torch.optim.SGD(params, lr=1e-4), named_parameters=named,
@@ -109,6 +136,7 @@ def rank_main(a):
             def after(i, run=run):
                 if i >= a.warmup:
                     run["codec"].append(run["clock"].seconds)
+                    run["codec_cpu"].append(run["clock"].cpu_seconds)
 
             def cpu_clocked(i, step=step, run=run):
                 """The step, and this process's CPU seconds in it: all its threads
@@ -126,6 +154,7 @@ def rank_main(a):
     wall = time.time() - t0
     for r in runs:   # median CPU seconds per step, summed over the ranks
         med = np.median(np.asarray(r["cpu"], np.float64), axis=0)
+        med = np.append(med, np.median(r["codec_cpu"]) if r["codec_cpu"] else 0.0)
         r["cpu_sum"] = hvd.allreduce(torch.tensor(med), op=hvd.Sum,
                                      name=f"bench.cpu.{r['m'].name}").tolist()
     if rank == 0:
@@ -133,7 +162,11 @@ def rank_main(a):
             for r in runs:
                 comp, method = r["comp"], r["method"]
                 steps = a.warmup + a.reps
-                if method in ("none", "fp16"):
+                if method == "floor":
+                    msg = 8 * sum(compressors.message_words(s.numel(), n, "float64-radix")
+                                  for s in (grads if r["what"] == "opt" else [flat]))
+                    wire = "float64 (none)"
+                elif method in ("none", "fp16"):
                     msg = d * (4 if method == "none" else 2)
                     wire = "fp32" if method == "none" else "fp16"
                 else:
@@ -144,7 +177,8 @@ def rank_main(a):
                     seconds=float(np.median(r["m"].times)), times=r["m"].times,
                     codec_seconds=float(np.median(r["codec"])) if r["codec"] else 0.0,
                     cpu_seconds_all_ranks=r["cpu_sum"][0],
-                    main_thread_cpu_seconds_all_ranks=r["cpu_sum"][1], cores=os.cpu_count(),
+                    main_thread_cpu_seconds_all_ranks=r["cpu_sum"][1],
+                    codec_cpu_seconds_all_ranks=r["cpu_sum"][2], cores=os.cpu_count(),
                     message_bytes=int(msg), wire=wire, reps=a.reps, job_seconds=wall,
                     loadavg=os.getloadavg())) + "\n")
     hvd.shutdown()
@@ -154,16 +188,18 @@ def print_table(rows):
     base = {(r["n"], r["what"]): r["seconds"] for r in rows if r["method"] == "none"}
     print(f"\n{'n':>2} {'step':>4} {'method':>6} {'wire':>13} {'ms':>8} {'codec ms':>9} "
           f"{'message MB':>10} {'link MB/rank':>12} {'none/this':>9} {'CPU ms/core':>11} "
-          f"{'main %':>6}")
+          f"{'main %':>6} {'codec %':>7}")
     for r in rows:
         b = base.get((r["n"], r["what"]))
         cpu = r.get("cpu_seconds_all_ranks", float("nan"))   # (older records lack them)
         main = r.get("main_thread_cpu_seconds_all_ranks", float("nan"))
+        codec = r.get("codec_cpu_seconds_all_ranks", float("nan"))
         print(f"{r['n']:>2} {r['what']:>4} {r['method']:>6} {r['wire']:>13} "
               f"{1e3 * r['seconds']:8.0f} {1e3 * r['codec_seconds']:9.0f} "
               f"{r['message_bytes'] / 1e6:10.2f} {r.get('link_mb_per_rank', float('nan')):12.1f} "
               f"{(b / r['seconds']) if b else float('nan'):9.2f} "
-              f"{1e3 * cpu / r.get('cores', 1):11.0f} {100 * main / max(cpu, 1e-9):6.0f}")
+              f"{1e3 * cpu / r.get('cores', 1):11.0f} {100 * main / max(cpu, 1e-9):6.0f} "
+              f"{100 * codec / max(cpu, 1e-9):7.0f}")
 
 
 def main(argv=None):
