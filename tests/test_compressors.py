@@ -21,6 +21,7 @@ from hypothesis import given, settings, strategies as st
 import compressors as C
 from compressors import wire as W
 from signcomm.kernels import _fields
+from signcomm.kernels import fields as codec
 from conftest import requires_horovod
 from harness import launch
 from signcomm import kernels as K
@@ -243,24 +244,27 @@ def test_worst_case_counts_decode_exactly_under_scaling(n):
 @settings(max_examples=60, deadline=None)
 @given(d=st.integers(0, 400), n=st.integers(1, 70), seed=st.integers(0, 2 ** 32 - 1))
 def test_field_kernels_match_reference(d, n, seed):
+    """The float64 binary wire's codec (b-bit fields, ``fields.encode`` / ``decode``, as
+    ``wire="float64"`` uses it) against the NumPy statement of the layout."""
     rng = np.random.default_rng(seed)
     b, f = W.field_bits(n), W.fields_per_word(n)
+    assert codec.binary_layout(b, "float64").f == f
     rows = rng.random((n, d)) < rng.random()
     words = []
     for r in rows:
         packed = K.pack_bits(r)
-        out = np.empty(-(-d // f), np.float64)
-        pop = _fields.encode_fields(packed, d, b, f, _fields.spread(b), out)
-        ref, ref_pop = _fields.encode_fields_reference(packed, d, b, f)
-        np.testing.assert_array_equal(out, ref)
+        out, pop = codec.encode(packed, d, b, "float64")
+        ref, ref_pop = _fields.encode_words_reference(packed, d, 2 ** b, f)
+        np.testing.assert_array_equal(out, np.asarray(ref, np.float64))
         assert pop == ref_pop == r.sum()
         words.append(out)
     total = np.sum(words, axis=0) if d else np.zeros(0)
     counts = np.empty(d, np.int64)
-    dev, tot, bad = _fields.decode_fields(total, 1.0, d, b, f, n, counts)
+    dev, tot, bad = codec.decode(total, d, b, n, counts, "float64")
     want = rows.sum(axis=0)
     np.testing.assert_array_equal(counts, want)
-    np.testing.assert_array_equal(_fields.decode_fields_reference(total, 1.0, d, b, f), want)
+    ints = np.rint(total).astype(np.int64)
+    np.testing.assert_array_equal(_fields.decode_words_reference(ints, d, 2 ** b, f), want)
     assert dev == 0 and tot == want.sum() and bad == 0
     vals = np.empty(d, np.float32)
     vote = K.vote_from_counts(counts, n, tie="zero")
