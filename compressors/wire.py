@@ -351,8 +351,8 @@ def _exponent(words, n, wire, inv_scale, describe):
         return e
     nb = hi - lo + 1
     hist = np.empty(nb, count_dtype(n))
-    _, total, bad = codec.decode_layout(words[x:header_words(n, wire)], nb, lay, n, hist)
-    if bad or total > n:
+    got = codec.decode_layout(words[x:header_words(n, wire)], nb, lay, n, hist)
+    if got.bad or got.total > n:
         raise WireError(f"{_describe(describe)}: the summed exponent histogram is not one of "
                         f"at most {n} ranks")
     nz = np.flatnonzero(hist)
@@ -372,9 +372,8 @@ def _check_settings(words, n, rank, wire, inv_scale, settings, describe):
     if seen in _SETTINGS_PASSED:
         return
     counts = np.empty(S.BINS, count_dtype(n))
-    dev, _, bad = codec.decode_layout(region, S.BINS, layout(n, wire), n, counts,
-                                      inv_scale=inv_scale)
-    if not dev <= MAX_DEV or bad:
+    got = codec.decode_layout(region, S.BINS, layout(n, wire), n, counts, inv_scale=inv_scale)
+    if not got.max_dev <= MAX_DEV or got.bad:
         raise WireError(f"{_describe(describe)}: the summed settings bins are not counts of "
                         f"{n} ranks: was the wire tensor modified on its way?")
     if settings is not None:
@@ -464,13 +463,12 @@ def decode(words, m: int, n: int, rank: int, counts_out, *, wire: str = "float64
             f"ranks ({sums['nonfinite']} values in all); nothing was applied")
     got = codec.decode_layout(words[hw:], m, lay, n, counts_out, inv_scale=inv_scale,
                               mix_base=mix_base)
-    max_dev, total, bad = got[:3]
-    if not max_dev <= MAX_DEV or bad or int(total) != sums["popcount"]:
+    if not got.max_dev <= MAX_DEV or got.bad or got.total != sums["popcount"]:
         raise WireError(
             f"{_describe(describe)}: the summed data words are not exact counts of {n} "
-            f"ranks (largest rounding error {max_dev:.3g}, {bad} impossible words, total "
-            f"{int(total)} vs popcount sum {sums['popcount']}): was the wire tensor "
+            f"ranks (largest rounding error {got.max_dev:.3g}, {got.bad} impossible words, "
+            f"total {got.total} vs popcount sum {sums['popcount']}): was the wire tensor "
             "modified on its way (another compression, an fp16 cast)?")
     exponent = _exponent(words, n, wire, inv_scale, describe)
     r_agree = n * sums["r_code_sq"] == sums["r_code"] ** 2
-    return Decoded(sums, scale, exponent, r_agree, got[3] if mix_base is not None else None)
+    return Decoded(sums, scale, exponent, r_agree, got.mix)

@@ -260,7 +260,7 @@ def test_field_kernels_match_reference(d, n, seed):
         words.append(out)
     total = np.sum(words, axis=0) if d else np.zeros(0)
     counts = np.empty(d, np.int64)
-    dev, tot, bad = codec.decode(total, d, b, n, counts, "float64")
+    dev, tot, bad, _ = codec.decode(total, d, b, n, counts, "float64")
     want = rows.sum(axis=0)
     np.testing.assert_array_equal(counts, want)
     ints = np.rint(total).astype(np.int64)

@@ -342,19 +342,19 @@ def test_layout_codec_matches_reference_and_sums_exactly(d, n, seed, word, radix
     want = rows.sum(axis=0) + extra
     summed = np.array(total, np.int64 if word == "int64" else np.float64)
     counts = np.empty(d, W.count_dtype(n))
-    dev, tot, bad = F.decode_layout(summed, d, lay, n, counts)
+    dev, tot, bad, _ = F.decode_layout(summed, d, lay, n, counts)
     np.testing.assert_array_equal(counts, want)
     np.testing.assert_array_equal(_fields.decode_words_reference(total, d, lay.base, lay.f),
                                   want)
     assert dev == 0 and tot == want.sum() and bad == 0
     if word == "float64" and d:
-        dev, tot, bad = F.decode_layout(summed * 0.37, d, lay, n, counts, inv_scale=1 / 0.37)
+        dev, tot, bad, _ = F.decode_layout(summed * 0.37, d, lay, n, counts, inv_scale=1 / 0.37)
         np.testing.assert_array_equal(counts, want)
         assert dev < W.MAX_DEV and bad == 0
     if d:
         broken = summed.copy()
         broken[-1] = lay.limit if word == "float64" else -1
-        assert F.decode_layout(broken, d, lay, n, counts)[2] > 0
+        assert F.decode_layout(broken, d, lay, n, counts).bad > 0
 
 
 def test_radix_layouts_are_the_fewest_bits():

@@ -607,13 +607,13 @@ def test_decode_reports_the_largest_rounding_distance_and_nan(n, radix):
         for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
             numba.set_num_threads(threads)
             try:
-                dev, tot, bad = fields.decode_layout(nudged, d, lay, n, counts)
-                assert (dev, bad) == (want, 0)
+                got = fields.decode_layout(nudged, d, lay, n, counts)
+                assert (got.max_dev, got.bad, got.mix) == (want, 0, None)
                 np.testing.assert_array_equal(counts, naive_counts(g, d))
                 broken = nudged.copy()
                 broken[gen.integers(words.shape[0])] = np.nan
-                dev, tot, bad = fields.decode_layout(broken, d, lay, n, counts)
-                assert dev == np.inf and bad >= 1
+                got = fields.decode_layout(broken, d, lay, n, counts)
+                assert got.max_dev == np.inf and got.bad >= 1
             finally:
                 numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -172,15 +173,23 @@ def encode_layout(packed, d: int, lay: Layout, *, header: int = 0, out=None):
     return out, pop
 
 
+class FieldSums(NamedTuple):
+    """What a decode of field words found besides the counts."""
+
+    max_dev: float    # largest distance of a scaled float64 word from its integer
+    total: int        # the counts' total
+    bad: int          # impossible words: a field above n, a value at or above B**F,
+                      # bits above the last field, a negative word
+    mix: Optional[int] = None   # with mix_base: the counts' ``_fields.mix_sum``
+
+
 def decode_layout(words, d: int, lay: Layout, n: int, counts_out, *, inv_scale: float = 1.0,
-                  mix_base=None):
+                  mix_base=None) -> FieldSums:
     """Summed field words of layout ``lay`` (no header) -> ``counts_out`` (length d).
-    float64 words are multiplied by ``inv_scale`` and rounded.  Returns (largest distance
-    of a scaled float64 word from its integer, total of the counts, number of impossible
-    words: a field above n, a value at or above B**F, bits above the last field, a
-    negative word).  With ``mix_base`` (uint8 counts only), a fourth: ``_fields.mix_sum``
-    of the d // 8 whole 8-byte words of the counts keyed from word ``mix_base`` on (the
-    radix decode takes it in the same pass)."""
+    float64 words are multiplied by ``inv_scale`` and rounded.  With ``mix_base`` (uint8
+    counts only), ``FieldSums.mix`` is ``_fields.mix_sum`` of the d // 8 whole 8-byte
+    words of the counts keyed from word ``mix_base`` on (the radix decode takes it in the
+    same pass); else None."""
     words = np.ascontiguousarray(words)
     is_float = words.dtype == np.float64
     limit = float(lay.limit)
@@ -209,10 +218,10 @@ def decode_layout(words, d: int, lay: Layout, n: int, counts_out, *, inv_scale: 
         dev, tot, bad = _fields.decode_fields_any(words, float(inv_scale), is_float, limit,
                                                   vmax, d, lay.b, lay.f, int(n), counts_out)
     if mix_base is None:
-        return float(dev), int(tot), int(bad)
+        return FieldSums(float(dev), int(tot), int(bad))
     if mix is None:
         mix = mix_sum_bytes(counts_out[:d], int(mix_base))
-    return float(dev), int(tot), int(bad), int(mix)
+    return FieldSums(float(dev), int(tot), int(bad), int(mix))
 
 
 def mix_sum_bytes(raw, i0: int = 0) -> int:
@@ -231,11 +240,9 @@ def encode(packed, d: int, b: int, word: str = "int64", *, header: int = 0):
 
 
 def decode(words, d: int, b: int, n: int, counts_out, word: str = "int64", *,
-           inv_scale: float = 1.0):
-    """Summed b-bit binary field words (no header) -> ``counts_out`` (length d).  Returns
-    (largest distance of a scaled float64 word from its integer, total of the counts,
-    number of impossible words: a field above n, bits above the last field, a negative
-    word)."""
+           inv_scale: float = 1.0) -> FieldSums:
+    """Summed b-bit binary field words (no header) -> ``counts_out`` (length d), and
+    ``decode_layout``'s ``FieldSums``."""
     check_word(word)
     words = np.ascontiguousarray(words)
     return decode_layout(words, d, binary_layout(b, word), n, counts_out,
