@@ -3,7 +3,8 @@ cleanly, also when interrupted, and a 2-rank MPI job across two namespaces reall
 the rate-limited link (a transfer of S bytes takes at least S / rate, and the link's
 shaper counts at least S bytes), and machines of 2 ranks keep their own traffic in shared
 memory and send only the traffic between machines over the link, where the hierarchical
-vote sends half of what the flat one does.  Needs root, iproute2 and network-namespace support;
+vote sends half of what the flat one does, and compressor_step.py's no-codec ``floor``
+sends exactly what s1 sends.  Needs root, iproute2 and network-namespace support;
 skipped with the reason otherwise.  About 25-45 s.
 """
 import json
@@ -179,3 +180,22 @@ def test_hierarchical_vote_halves_the_bytes_between_machines(tmp_path):
     assert ledger <= hier["cross_bytes_per_rank"] < 1.1 * ledger, hier
     ratio = hier["cross_bytes_per_rank"] / flat["cross_bytes_per_rank"]
     assert 0.4 < ratio < 0.65, (ratio, flat["cross_bytes_per_rank"], hier["cross_bytes_per_rank"])
+
+
+def test_compressor_step_floor_sends_what_s1_sends(tmp_path):
+    """benchmarks/netem/compressor_step.py on 2 ranks (a small parameter set, one timed
+    step): the no-codec ``floor`` hands Horovod exactly s1's message bytes and spends no
+    CPU in a codec, s1's codec spends some, and both cross the shaped links."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "netem"))
+    import compressor_step
+    out = tmp_path / "step.json"
+    rc = compressor_step.main(["--n", "2", "--methods", "none", "s1", "floor", "--what",
+                               "opt", "--reps", "1", "--warmup", "1", "--scale", "0.01",
+                               "--job-timeout", "240", "--out", str(out)])
+    assert rc == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())}
+    floor, s1, none = rows["floor"], rows["s1"], rows["none"]
+    assert s1["wire"] == "float64-radix"
+    assert floor["message_bytes"] == s1["message_bytes"] < none["message_bytes"] / 10
+    assert floor["codec_cpu_seconds_all_ranks"] == 0 < s1["codec_cpu_seconds_all_ranks"]
+    assert floor["link_mb_per_rank"] > 0

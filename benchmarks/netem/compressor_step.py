@@ -73,26 +73,29 @@ def rank_main(a):
     class Floor:
         """No codec work: s1's message size, cached tensors (see the module doc).  Tensors
         of one size share one wire tensor: it is all zeros, so Horovod's in-place sums
-        leave it so."""
-        wire, out = {}, {}
+        leave it so.  ``stats`` and ``wire_used`` as the compressors have them."""
 
-        @classmethod
-        def compress(cls, tensor):
+        def __init__(self):
+            self.wire, self.out = {}, {}
+            self.stats = {"wire_bytes": 0}
+            self.wire_used = "float64 (none)"
+
+        def compress(self, tensor):
             m = compressors.message_words(tensor.numel(), n, "float64-radix")
-            if m not in cls.wire:
-                cls.wire[m] = torch.zeros(m, dtype=torch.float64)
+            if m not in self.wire:
+                self.wire[m] = torch.zeros(m, dtype=torch.float64)
             key = tuple(tensor.shape)
-            if key not in cls.out:
-                cls.out[key] = torch.ones(key, dtype=tensor.dtype)
-            return cls.wire[m], key
+            if key not in self.out:
+                self.out[key] = torch.ones(key, dtype=tensor.dtype)
+            self.stats["wire_bytes"] += self.wire[m].nbytes
+            return self.wire[m], key
 
-        @classmethod
-        def decompress(cls, tensor, ctx):
-            return cls.out[ctx]
+        def decompress(self, tensor, ctx):
+            return self.out[ctx]
 
     def make(method):
         if method == "floor":
-            return Floor
+            return Floor()
         if method == "none":
             return hvd.Compression.none
         if method == "fp16":
@@ -164,11 +167,7 @@ def rank_main(a):
             for r in runs:
                 comp, method = r["comp"], r["method"]
                 steps = a.warmup + a.reps
-                if method == "floor":
-                    msg = 8 * sum(compressors.message_words(s.numel(), n, "float64-radix")
-                                  for s in (grads if r["what"] == "opt" else [flat]))
-                    wire = "float64 (none)"
-                elif method in ("none", "fp16"):
+                if method in ("none", "fp16"):
                     msg = d * (4 if method == "none" else 2)
                     wire = "fp32" if method == "none" else "fp16"
                 else:
