@@ -12,6 +12,8 @@ itself: the benchmarks set their thread counts before those load (``pin_threads`
 - names and bytes, as the library defines them (docs/algorithms.md):
   ``vote_vocabulary`` (schedule, variant and tie-rule names), ``ring_allreduce_bytes``,
   ``fp32_allreduce_bytes``, ``count_field_words``, ``random_packed``;
+- parameter sets: ``BLOCK_SHAPES`` (16 tensors shaped like ResNet-50's largest layers),
+  ``resnet50_shapes`` (torchvision's 161), ``scaled_shapes`` (``--scale``);
 - baselines: ``mpi_fp32_allreduce`` and ``hvd_allreduce`` (the allreduce that plain data
   parallelism does instead of the vote), ``MpiSGD`` and ``hvd_sgd`` (SGD over an fp32
   allreduce, through mpi4py or Horovod's DistributedOptimizer), ``mlp`` (the model of
@@ -35,11 +37,24 @@ __all__ = [
     "ROOT", "local_ranks", "threads_per_rank", "pin_threads", "clock", "Stopwatch", "Method", "interleave",
     "median_of_max", "vote_vocabulary", "ring_allreduce_bytes", "fp32_allreduce_bytes",
     "count_field_words", "random_packed", "mpi_fp32_allreduce", "hvd_allreduce", "MpiSGD",
-    "hvd_sgd", "mlp",
+    "hvd_sgd", "mlp", "BLOCK_SHAPES", "resnet50_shapes", "scaled_shapes",
 ]
 
 
 # -- parameter sets -----------------------------------------------------------------------
+
+# 25,640,960 parameters in 16 tensors shaped like ResNet-50's largest layers: the
+# (1000, 2048) classifier, six (512, 512, 3, 3) and nine (2048, 512, 1, 1) convolutions.
+BLOCK_SHAPES = [(1000, 2048)] + [(512, 512, 3, 3)] * 6 + [(2048, 512, 1, 1)] * 9
+
+
+def scaled_shapes(shapes, scale: float):
+    """``shapes`` with each first dimension times ``scale`` (at least 1): a smaller set of
+    the same layout for smoke runs; ``scale=1.0`` gives ``shapes`` unchanged."""
+    if scale == 1.0:
+        return list(shapes)
+    return [(max(1, int(s[0] * scale)),) + tuple(s[1:]) for s in shapes]
+
 
 def resnet50_shapes():
     """The parameter shapes of torchvision's resnet50(), in order (no torchvision needed)."""

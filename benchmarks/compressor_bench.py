@@ -48,19 +48,17 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import (Method, Stopwatch, interleave, resnet50_shapes, ring_allreduce_bytes,
-                    threads_per_rank)
+from common import (BLOCK_SHAPES, Method, Stopwatch, interleave, resnet50_shapes,
+                    ring_allreduce_bytes, scaled_shapes, threads_per_rank)
 
-SHAPES = [(1000, 2048)] + [(512, 512, 3, 3)] * 6 + [(2048, 512, 1, 1)] * 9
-SHAPE_SETS = {"blocks": lambda: SHAPES, "resnet50": resnet50_shapes}
+SHAPE_SETS = {"blocks": lambda: BLOCK_SHAPES, "resnet50": resnet50_shapes}
 
 
 def parameter_shapes(args):
-    """The ``--shapes`` set, scaled along each tensor's first dimension by ``--scale``."""
-    shapes = SHAPE_SETS[args.shapes]()
-    if args.scale == 1.0:
-        return shapes
-    return [(max(1, int(s[0] * args.scale)),) + s[1:] for s in shapes]
+    """The ``--shapes`` set, scaled by ``--scale``."""
+    return scaled_shapes(SHAPE_SETS[args.shapes](), args.scale)
+
+
 METHODS = ("none", "fp16", "sign", "sr", "s1")
 WIRES = ("auto", "float64", "int64", "float64-radix", "int64-radix")
 
@@ -320,7 +318,8 @@ def main():
             cmd = [mpirun, "-np", str(n), sys.executable, "-m", "mpi4py", __file__,
                    "--rank-main", "--out", str(out), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--scale", str(args.scale),
-                   "--shapes", args.shapes, "--wire", args.wire, "--op", args.op, "--methods", *args.methods]
+                   "--shapes", args.shapes, "--wire", args.wire, "--op", args.op,
+                   "--methods", *args.methods]
             subprocess.run(cmd, check=True, env=env, timeout=args.timeout)
             rows = json.loads(out.read_text())
         print_table(rows)

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 from common import (Method, fp32_allreduce_bytes, interleave, median_of_max, mpi_fp32_allreduce,
-                    pin_threads, resnet50_shapes, vote_vocabulary)
+                    pin_threads, resnet50_shapes, scaled_shapes, vote_vocabulary)
 
 
 def breakdown(opt, transport, reps, sync):
@@ -103,9 +103,7 @@ def main():
 
     transport = get_transport("mpi")  # the optimizer's transport; Horovod only as baseline
     rank, n = transport.rank, transport.size
-    shapes = resnet50_shapes()
-    if args.scale != 1.0:
-        shapes = [(max(1, int(s[0] * args.scale)),) + tuple(s[1:]) for s in shapes]
+    shapes = scaled_shapes(resnet50_shapes(), args.scale)
     gen = torch.Generator().manual_seed(1000 + rank)
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -46,7 +46,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # benchmarks/
 
 ROOT = HERE.parent.parent
-SHAPES = [(1000, 2048)] + [(512, 512, 3, 3)] * 6 + [(2048, 512, 1, 1)] * 9
 METHODS = ("none", "fp16", "sign", "sr", "s1", "floor")
 
 
@@ -56,13 +55,13 @@ def rank_main(a):
     import horovod.torch as hvd
 
     import compressors
-    from common import Method, Stopwatch, interleave, threads_per_rank
+    from common import (BLOCK_SHAPES, Method, Stopwatch, interleave, scaled_shapes,
+                        threads_per_rank)
 
     hvd.init()
     torch.set_num_threads(threads_per_rank(hvd.size()))
     n, rank = hvd.size(), hvd.rank()
-    shapes = SHAPES if a.scale == 1.0 else [(max(1, int(s[0] * a.scale)),) + s[1:]
-                                            for s in SHAPES]
+    shapes = scaled_shapes(BLOCK_SHAPES, a.scale)
     gen = torch.Generator().manual_seed(1234 + rank)
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     grads = [torch.randn(s, generator=gen) for s in shapes]

@@ -30,7 +30,7 @@ One cluster (cluster.py, ``ranks_per_machine=k``) and, in it, one run of three M
    NCCL); on CPU tensors the variable changes nothing and the step is ``MPI_Allreduce``
    over all ranks (``MPIAllreduce``), which jobs 2 and 3 show by their bytes.
 
-Every method steps the same 16 ResNet-50-shaped tensors (compressor_step.SHAPES,
+Every method steps the same 16 ResNet-50-shaped tensors (common.BLOCK_SHAPES,
 25,640,960 fp32 parameters at ``--scale 1``) with fixed random gradients (restored before
 each step, untimed); no forward or backward pass is timed (it would cost every method the
 same).  A step is timed from a barrier to the end of ``step()``; its time is the slowest
@@ -129,8 +129,8 @@ def ledger_breakdown(ledger):
 
 def make_params(scale, rank):
     import torch
-    from compressor_step import SHAPES
-    shapes = SHAPES if scale == 1.0 else [(max(1, int(s[0] * scale)),) + s[1:] for s in SHAPES]
+    from common import BLOCK_SHAPES, scaled_shapes
+    shapes = scaled_shapes(BLOCK_SHAPES, scale)
     gen = torch.Generator().manual_seed(1234 + rank)
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     grads = [torch.randn(s, generator=gen) for s in shapes]
